@@ -1,0 +1,106 @@
+"""Connections: the URL in use (external server or the embedded cluster) and schema migrations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+
+from spatialdb.config import database_url, home_dir
+from spatialdb.embedded import EmbeddedCluster
+from spatialdb.errors import DatabaseUnavailable
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+MIGRATIONS = PROJECT_ROOT / "migrations"
+
+
+def resolve_url(url: str | None = None) -> tuple[str, bool]:
+    """The URL to use and whether it is the embedded cluster (started here if needed)."""
+    url = url or database_url()
+    if url:
+        return url, False
+    return EmbeddedCluster(home_dir()).ensure_running(), True
+
+
+def make_engine(url: str) -> Engine:
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise DatabaseUnavailable(f"bad database URL {url!r}: {exc}") from None
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg2")
+    if not parsed.drivername.startswith("postgresql"):
+        raise DatabaseUnavailable(f"bad database URL {redact(url)}: PostgreSQL with PostGIS is required")
+    return create_engine(parsed, pool_pre_ping=True, future=True)
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable URL>"
+
+
+def alembic_config(url: str):
+    from alembic.config import Config
+
+    config = Config(str(PROJECT_ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config("postgresql://")).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        exists = conn.execute(text("SELECT to_regclass('alembic_version')")).scalar()
+        if exists is None:
+            return None
+        return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def upgrade(engine: Engine) -> None:
+    """Migrate the database to the newest schema (creates PostGIS if it can)."""
+    from alembic import command
+
+    config = alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+
+
+def connect(url: str | None = None, *, migrate: bool | None = None) -> Engine:
+    """An engine on a reachable database whose schema is current.
+
+    The embedded cluster is started and migrated automatically; an external server is migrated
+    only when asked (`spatialdb db upgrade`), since its schema belongs to its administrator.
+    """
+    resolved, embedded = resolve_url(url)
+    engine = make_engine(resolved)
+    try:
+        if migrate if migrate is not None else embedded:
+            upgrade(engine)
+        elif current_revision(engine) != head_revision():
+            raise DatabaseUnavailable(
+                f"the database at {redact(resolved)} is not at the current schema; "
+                "run: spatialdb db upgrade"
+            )
+    except OperationalError as exc:
+        engine.dispose()
+        raise DatabaseUnavailable(
+            f"cannot use the database at {redact(resolved)}: {first_line(exc.orig or exc)}"
+        ) from None
+    return engine
+
+
+def first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__

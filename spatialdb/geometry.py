@@ -1,0 +1,85 @@
+"""Vectorised geometry preparation for loading: repair, measurements in µm, encodings.
+
+All functions take numpy arrays of shapely geometries and work on the whole array at once;
+only the (rare) invalid geometries are repaired one by one, and that loop is named as such.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import shapely
+from shapely import GeometryType
+
+
+@dataclass
+class Prepared:
+    """Geometries ready to store, with the index of each in the caller's input."""
+
+    geoms: np.ndarray
+    source_index: np.ndarray
+    repaired: int
+    dropped: int
+
+
+def prepare_polygons(geoms, *, multi: bool) -> Prepared:
+    """2-D, valid, non-empty polygons (or multipolygons when `multi`) from arbitrary input.
+
+    Invalid shapes are repaired with make_valid keeping their polygonal parts; for single-polygon
+    tables the largest part stands for the object. What has no area left is dropped and counted.
+    """
+    geoms = np.asarray(geoms, dtype=object)
+    if shapely.has_z(geoms).any():
+        geoms = shapely.force_2d(geoms)
+    index = np.arange(len(geoms))
+    invalid = ~shapely.is_valid(geoms)
+    repaired = int(invalid.sum())
+    if repaired:
+        geoms = geoms.copy()
+        geoms[invalid] = _polygonal_parts(shapely.make_valid(geoms[invalid]), multi=multi)
+    types = shapely.get_type_id(geoms)
+    if multi:
+        single = types == GeometryType.POLYGON
+        geoms[single] = shapely.multipolygons(geoms[single, None])
+        wanted = GeometryType.MULTIPOLYGON
+    else:
+        split = types == GeometryType.MULTIPOLYGON
+        geoms[split] = _largest_parts(geoms[split])
+        wanted = GeometryType.POLYGON
+    keep = (shapely.get_type_id(geoms) == wanted) & (shapely.area(geoms) > 0)
+    return Prepared(geoms[keep], index[keep], repaired, int((~keep).sum()))
+
+
+def _polygonal_parts(geoms: np.ndarray, *, multi: bool) -> np.ndarray:
+    """Loop over repaired shapes only: keep Polygon parts of collections."""
+    out = np.empty(len(geoms), dtype=object)
+    for i, geom in enumerate(geoms):
+        parts = [p for p in shapely.get_parts(geom) if p.geom_type in ("Polygon", "MultiPolygon")]
+        polygons = [q for p in parts for q in shapely.get_parts(p)]
+        out[i] = shapely.multipolygons(polygons) if polygons else shapely.Polygon()
+    return out if multi else _largest_parts(out)
+
+
+def _largest_parts(geoms: np.ndarray) -> np.ndarray:
+    """The largest polygon of each multipolygon (an instance is one connected shape)."""
+    if len(geoms) == 0:
+        return geoms
+    parts, owner = shapely.get_parts(geoms, return_index=True)
+    order = np.lexsort((-shapely.area(parts), owner))
+    first = np.unique(owner[order], return_index=True)[1]
+    out = np.full(len(geoms), shapely.Polygon(), dtype=object)
+    out[owner[order][first]] = parts[order][first]
+    return out
+
+
+def measurements(geoms: np.ndarray, mpp_x: float, mpp_y: float):
+    """Area (µm²), perimeter (µm) and centroid x, y (level-0 px) of each geometry."""
+    area_um2 = shapely.area(geoms) * (mpp_x * mpp_y)
+    if np.isclose(mpp_x, mpp_y, rtol=1e-9):
+        perimeter_um = shapely.length(geoms) * mpp_x
+    else:
+        scaled = shapely.transform(geoms, lambda xy: xy * np.array([mpp_x, mpp_y]))
+        perimeter_um = shapely.length(scaled)
+    centroids = shapely.centroid(geoms)
+    return area_um2, perimeter_um, shapely.get_x(centroids), shapely.get_y(centroids)

@@ -1,0 +1,174 @@
+"""The database schema as SQLAlchemy 2 + GeoAlchemy2 models (the migrations create it).
+
+Geometries are in level-0 pixel coordinates of their slide, SRID 0; `slide.mpp_x/mpp_y` convert to
+µm. Object tables (`nucleus`, `gland`, `lumen`, `tissue_region`) are partitioned by `slide_id`
+(LIST, one partition per slide holding its current run) so that a slide is loaded, swapped,
+queried and dropped on its own; every object row carries `slide_id` and `run_id`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from geoalchemy2 import Geometry
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    REAL,
+    Text,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+SLIDE_STATUSES = ("registered", "ready")
+RUN_STATUSES = ("complete", "superseded")
+RUN_KINDS = ("inference", "import", "curated")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+def _now() -> Mapped[datetime]:
+    return mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+
+
+class Slide(Base):
+    """A whole-slide image: where it is, what it contains, and which run is current."""
+
+    __tablename__ = "slide"
+    __table_args__ = (
+        CheckConstraint("mpp_x > 0 AND mpp_y > 0", name="mpp_positive"),
+        CheckConstraint("width > 0 AND height > 0", name="size_positive"),
+        CheckConstraint(f"status IN {SLIDE_STATUSES}", name="status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(Text, nullable=False)
+    file_path: Mapped[str] = mapped_column(Text, nullable=False, unique=True)
+    fingerprint: Mapped[str] = mapped_column(Text, nullable=False, index=True)
+    width: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    height: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    mpp_x: Mapped[float] = mapped_column(Double, nullable=False)
+    mpp_y: Mapped[float] = mapped_column(Double, nullable=False)
+    objective_power: Mapped[float | None] = mapped_column(Double)
+    vendor: Mapped[str | None] = mapped_column(Text)
+    level_count: Mapped[int] = mapped_column(Integer, nullable=False)
+    status: Mapped[str] = mapped_column(Text, nullable=False, server_default="registered")
+    current_run_id: Mapped[int | None] = mapped_column(
+        ForeignKey("run.id", ondelete="SET NULL", use_alter=True)
+    )
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()
+
+
+class Model(Base):
+    """Network weights that produced runs: preset, hash, classes and training resolution."""
+
+    __tablename__ = "model"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(Text, nullable=False)
+    preset: Mapped[str] = mapped_column(Text, nullable=False)
+    weights_hash: Mapped[str] = mapped_column(Text, nullable=False, unique=True)
+    class_names: Mapped[dict] = mapped_column(JSONB, nullable=False)
+    mpp: Mapped[float] = mapped_column(Double, nullable=False)
+    info: Mapped[dict] = mapped_column(JSONB, nullable=False, server_default="{}")
+    created_at: Mapped[datetime] = _now()
+
+
+class Run(Base):
+    """One complete set of objects for a slide (inference, import or curation)."""
+
+    __tablename__ = "run"
+    __table_args__ = (
+        CheckConstraint(f"status IN {RUN_STATUSES}", name="status"),
+        CheckConstraint(f"kind IN {RUN_KINDS}", name="kind"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    slide_id: Mapped[int] = mapped_column(
+        ForeignKey("slide.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    model_id: Mapped[int | None] = mapped_column(ForeignKey("model.id"))
+    kind: Mapped[str] = mapped_column(Text, nullable=False)
+    status: Mapped[str] = mapped_column(Text, nullable=False)
+    parameters: Mapped[dict] = mapped_column(JSONB, nullable=False, server_default="{}")
+    timings: Mapped[dict] = mapped_column(JSONB, nullable=False, server_default="{}")
+    object_counts: Mapped[dict] = mapped_column(JSONB, nullable=False, server_default="{}")
+    load_report: Mapped[dict] = mapped_column(JSONB, nullable=False, server_default="{}")
+    started_at: Mapped[datetime] = _now()
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ObjectColumns:
+    """Columns shared by every object table; the geometry type differs per table."""
+
+    geometry_type = "POLYGON"
+
+    slide_id: Mapped[int] = mapped_column(ForeignKey("slide.id"), primary_key=True)
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    run_id: Mapped[int] = mapped_column(ForeignKey("run.id"), nullable=False)
+    uuid: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), nullable=False)
+    class_: Mapped[str] = mapped_column("class", Text, nullable=False)
+    probability: Mapped[float | None] = mapped_column(REAL)
+    area_um2: Mapped[float] = mapped_column(Double, nullable=False)
+    perimeter_um: Mapped[float] = mapped_column(Double, nullable=False)
+
+    @declared_attr
+    def geom(cls) -> Mapped[object]:
+        return mapped_column(
+            Geometry(cls.geometry_type, srid=0, spatial_index=False), nullable=False
+        )
+
+    @declared_attr
+    def centroid(cls) -> Mapped[object]:
+        return mapped_column(Geometry("POINT", srid=0, spatial_index=False), nullable=False)
+
+    @declared_attr.directive
+    def __table_args__(cls) -> tuple:
+        name = cls.__tablename__
+        return (
+            Index(f"ix_{name}_geom", "geom", postgresql_using="gist"),
+            Index(f"ix_{name}_centroid", "centroid", postgresql_using="gist"),
+            Index(f"ix_{name}_slide_id_class", "slide_id", "class"),
+            {"postgresql_partition_by": "LIST (slide_id)"},
+        )
+
+
+class Nucleus(ObjectColumns, Base):
+    __tablename__ = "nucleus"
+
+
+class Gland(ObjectColumns, Base):
+    __tablename__ = "gland"
+
+
+class Lumen(ObjectColumns, Base):
+    __tablename__ = "lumen"
+
+
+class TissueRegion(ObjectColumns, Base):
+    __tablename__ = "tissue_region"
+    geometry_type = "MULTIPOLYGON"
+
+
+#: Object tables by name, in load order.
+OBJECT_MODELS = {m.__tablename__: m for m in (Nucleus, Gland, Lumen, TissueRegion)}
+OBJECT_TABLES = tuple(OBJECT_MODELS)
