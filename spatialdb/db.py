@@ -32,7 +32,9 @@ def make_engine(url: str) -> Engine:
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg2")
     if not parsed.drivername.startswith("postgresql"):
-        raise DatabaseUnavailable(f"bad database URL {redact(url)}: PostgreSQL with PostGIS is required")
+        raise DatabaseUnavailable(
+            f"bad database URL {redact(url)}: PostgreSQL with PostGIS is required"
+        )
     return create_engine(parsed, pool_pre_ping=True, future=True)
 
 

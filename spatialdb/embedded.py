@@ -73,7 +73,9 @@ def require_postgis(pg_bin: Path) -> None:
     else:
         sharedir = Path("/usr/share/postgresql") / pg_bin.parent.name
     if not (sharedir / "extension" / "postgis.control").exists():
-        raise DatabaseUnavailable(f"PostGIS is not installed for the server in {pg_bin}; {INSTALL_HINT}")
+        raise DatabaseUnavailable(
+            f"PostGIS is not installed for the server in {pg_bin}; {INSTALL_HINT}"
+        )
 
 
 @dataclass
@@ -207,7 +209,9 @@ class EmbeddedCluster:
     def _create_database(self) -> None:
         import psycopg2
 
-        conn = psycopg2.connect(host=str(self.socket_dir), port=PORT, user=SUPERUSER, dbname="postgres")
+        conn = psycopg2.connect(
+            host=str(self.socket_dir), port=PORT, user=SUPERUSER, dbname="postgres"
+        )
         try:
             conn.autocommit = True
             with conn.cursor() as cur:

@@ -83,3 +83,23 @@ def measurements(geoms: np.ndarray, mpp_x: float, mpp_y: float):
         perimeter_um = shapely.length(scaled)
     centroids = shapely.centroid(geoms)
     return area_um2, perimeter_um, shapely.get_x(centroids), shapely.get_y(centroids)
+
+
+def has_holes(geoms: np.ndarray) -> np.ndarray:
+    """True where a polygon has interior rings (or the geometry is a multipolygon)."""
+    types = shapely.get_type_id(geoms)
+    return (types != GeometryType.POLYGON) | (shapely.get_num_interior_rings(geoms) > 0)
+
+
+def ring_measurements(rings: np.ndarray, mpp_x: float, mpp_y: float):
+    """Like `measurements`, for hole-free polygons whose closed exterior rings all have the same
+    number of points, given as one (n, points, 2) array: numpy alone, no per-geometry calls."""
+    origin = rings[:, :1, :]  # local frame: no cancellation far from the slide origin
+    x, y = (rings[:, :, 0] - origin[:, :, 0]), (rings[:, :, 1] - origin[:, :, 1])
+    x0, x1, y0, y1 = x[:, :-1], x[:, 1:], y[:, :-1], y[:, 1:]
+    cross = x0 * y1 - x1 * y0
+    twice_area = cross.sum(axis=1)
+    perimeter_um = np.sqrt(((x1 - x0) * mpp_x) ** 2 + ((y1 - y0) * mpp_y) ** 2).sum(axis=1)
+    cx = ((x0 + x1) * cross).sum(axis=1) / (3 * twice_area) + origin[:, 0, 0]
+    cy = ((y0 + y1) * cross).sum(axis=1) / (3 * twice_area) + origin[:, 0, 1]
+    return np.abs(twice_area) / 2 * (mpp_x * mpp_y), perimeter_um, cx, cy

@@ -17,12 +17,12 @@ import json
 import os
 import time
 import uuid as uuidlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-import shapely
 from psycopg2 import sql
 from sqlalchemy import Engine
 
@@ -33,8 +33,8 @@ from spatialdb.catalog import (
     upsert_model,
     upsert_slide,
 )
-from spatialdb.copy_binary import OBJECT_COLUMNS, CopyStream, encode_object_rows, text_fields
-from spatialdb.geometry import measurements, prepare_polygons
+from spatialdb.copy_binary import OBJECT_COLUMNS, CopyStream, ObjectRows, encode
+from spatialdb.geometry import Prepared, prepare_polygons
 from spatialdb.schema import OBJECT_MODELS, OBJECT_TABLES, RUN_KINDS
 
 #: Rows encoded per COPY chunk: large enough to amortise Python, small enough to pipeline.
@@ -85,6 +85,7 @@ class RunWriter:
 
     def __enter__(self) -> RunWriter:
         self._raw = self.engine.raw_connection()
+        self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
         try:
             self._cursor = self._raw.cursor()
             self._begin()
@@ -103,6 +104,7 @@ class RunWriter:
             if rollback:
                 self._raw.rollback()
         finally:
+            self._pool.shutdown(cancel_futures=True)
             self._raw.close()
             self._raw = None
 
@@ -134,57 +136,63 @@ class RunWriter:
     # -- loading --------------------------------------------------------------------------------
 
     def add(self, table: str, geoms, classes, probability=None, uuids=None) -> int:
-        """Queue objects of one table: shapely geometries in level-0 pixels, a class per object
+        """Load objects of one table: shapely geometries in level-0 pixels, a class per object
         (or one for all), optional probabilities (NaN = unknown) and UUIDs (kept if given).
         Returns how many were stored after repair."""
         if table not in OBJECT_MODELS:
             raise ValueError(f"unknown object table {table!r}; expected one of {OBJECT_TABLES}")
         started = time.perf_counter()
-        n_given = len(geoms)
-        prepared = prepare_polygons(geoms, multi=OBJECT_MODELS[table].geometry_type != "POLYGON")
-        self.repaired += prepared.repaired
-        self.dropped += prepared.dropped
-        n = len(prepared.geoms)
-        if n == 0:
-            return 0
-        classes = _per_object(classes, n_given)
-        classes = classes[prepared.source_index]
+        geoms = np.asarray(geoms, dtype=object)
+        n = len(geoms)
+        classes = _per_object(classes, n)
+        if not all(isinstance(c, str) and c for c in set(classes.tolist())):
+            raise ValueError("class names must be non-empty strings")
         probability = (
-            None
+            np.full(n, np.nan, dtype=np.float32)
             if probability is None
-            else np.asarray(probability, dtype=np.float32)[prepared.source_index]
+            else _per_object(probability, n).astype(np.float32)
         )
-        uuids = _uuid_bytes(uuids, prepared.source_index, n)
+        uuids = _uuid_bytes(uuids, n)
         ids = np.arange(self._next_id[table], self._next_id[table] + n, dtype=np.int64)
         self._next_id[table] += n
-        self.counts[table].update(dict(zip(*np.unique(classes.astype(str), return_counts=True))))
-        chunks = self._encode(prepared.geoms, ids, uuids, probability, classes)
+        multi = OBJECT_MODELS[table].geometry_type != "POLYGON"
+
+        def encode_chunk(part: slice) -> tuple[bytes, Prepared, dict]:
+            prepared = prepare_polygons(geoms[part], multi=multi)
+            keep = prepared.source_index
+            rows = ObjectRows(
+                slide_id=self.slide_id,
+                run_id=self.run_id,
+                ids=ids[part][keep],
+                uuids=uuids[part][keep],
+                probability=probability[part][keep],
+                classes=classes[part][keep],
+                geoms=prepared.geoms,
+                mpp_x=self.slide.mpp_x,
+                mpp_y=self.slide.mpp_y,
+            )
+            names, counts = np.unique(rows.classes.astype(str), return_counts=True)
+            return encode(rows), prepared, dict(zip(names.tolist(), counts.tolist(), strict=True))
+
+        stored = 0
+
+        def chunks() -> Iterator[bytes]:
+            nonlocal stored
+            parts = (slice(s, s + CHUNK_ROWS) for s in range(0, n, CHUNK_ROWS))
+            for data, prepared, class_counts in _ordered_map(self._pool, encode_chunk, parts):
+                self.counts[table].update(class_counts)
+                self.repaired += prepared.repaired
+                self.dropped += prepared.dropped
+                stored += len(prepared.geoms)
+                yield data
+
         columns = sql.SQL(", ").join(map(sql.Identifier, OBJECT_COLUMNS))
         statement = sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT binary, FREEZE)").format(
             sql.Identifier(self.staging[table]), columns
         )
-        self._cursor.copy_expert(statement, CopyStream(chunks), size=1 << 20)
+        self._cursor.copy_expert(statement, CopyStream(chunks()), size=1 << 20)
         self.timings["copy_s"] += time.perf_counter() - started
-        return n
-
-    def _encode(self, geoms, ids, uuids, probability, classes) -> Iterator[bytes]:
-        for start in range(0, len(geoms), CHUNK_ROWS):
-            part = slice(start, start + CHUNK_ROWS)
-            chunk = geoms[part]
-            area, perimeter, cx, cy = measurements(chunk, self.slide.mpp_x, self.slide.mpp_y)
-            yield encode_object_rows(
-                slide_id=self.slide_id,
-                run_id=self.run_id,
-                ids=ids[part],
-                uuids=uuids[part],
-                probability=None if probability is None else probability[part],
-                area_um2=area,
-                perimeter_um=perimeter,
-                centroid_x=cx,
-                centroid_y=cy,
-                geom_wkb=shapely.to_wkb(chunk, byte_order=1, output_dimension=2),
-                class_fields=text_fields(classes[part]),
-            )
+        return stored
 
     # -- commit ---------------------------------------------------------------------------------
 
@@ -192,7 +200,7 @@ class RunWriter:
         """Index, swap the slide's partitions and commit: the new run becomes current."""
         cur = self._cursor
         started = time.perf_counter()
-        for table, staging in self.staging.items():
+        for staging in self.staging.values():
             ident = sql.Identifier(staging)
             for statement in (
                 "CREATE INDEX ON {} USING gist (geom)",
@@ -244,18 +252,31 @@ class RunWriter:
 
 
 def _per_object(values, n: int) -> np.ndarray:
-    if isinstance(values, str):
+    """One value per object: a scalar is repeated; a sequence must have n items."""
+    if np.ndim(values) == 0:
         return np.full(n, values, dtype=object)
     values = np.asarray(values, dtype=object)
     if len(values) != n:
-        raise ValueError(f"expected {n} classes, got {len(values)}")
+        raise ValueError(f"expected {n} values (one per geometry), got {len(values)}")
     return values
 
 
-def _uuid_bytes(uuids, keep: np.ndarray, n: int) -> np.ndarray:
+def _ordered_map(pool: ThreadPoolExecutor, fn, items) -> Iterator:
+    """fn over items on the pool, results in order, at most a few ahead (bounded memory)."""
+    window = (pool._max_workers or 1) + 1
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _uuid_bytes(uuids, n: int) -> np.ndarray:
     """(n, 16) uint8: the given UUIDs, or random version-4 ones."""
     if uuids is not None:
-        given = [uuidlib.UUID(str(u)).bytes for u in np.asarray(uuids, dtype=object)[keep]]
+        given = [uuidlib.UUID(str(u)).bytes for u in _per_object(uuids, n)]
         return np.frombuffer(b"".join(given), dtype=np.uint8).reshape(n, 16)
     raw = np.frombuffer(os.urandom(16 * n), dtype=np.uint8).reshape(n, 16).copy()
     raw[:, 6] = (raw[:, 6] & 0x0F) | 0x40

@@ -13,6 +13,7 @@ from datetime import datetime
 
 from geoalchemy2 import Geometry
 from sqlalchemy import (
+    REAL,
     BigInteger,
     CheckConstraint,
     DateTime,
@@ -21,7 +22,6 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
-    REAL,
     Text,
     func,
 )
