@@ -97,7 +97,7 @@ def pre_encoded_rows(geoms, classes, probability) -> tuple[bytes, bytes]:
             "geom": shapely.to_wkb(geoms, hex=True),
             "class": classes,
         }
-    ).to_csv(sep="\t", header=False, index=False)
+    )[list(OBJECT_COLUMNS)].to_csv(sep="\t", header=False, index=False)
     binary = encode(
         ObjectRows(
             slide_id=0,

@@ -1,10 +1,17 @@
-"""Bulk loading of one run of a slide: binary COPY into fresh tables, swapped in at one commit.
+"""Bulk loading of one run of a slide: parallel binary COPY into fresh tables, swapped in at once.
 
-Everything happens in one transaction. Each object table gets a staging table created in that
-transaction (so COPY can FREEZE and, with wal_level=minimal, skip WAL); objects stream in with
-binary COPY; indexes are built after the load; then the slide's old partitions are dropped and
-the staging tables attached as its new partitions. A reader sees the old run or the new one,
-never a mix, and an interrupted load (exception, SIGKILL, lost server) leaves no rows behind.
+Each object table of the slide is loaded through `lanes` database connections at once (one per
+core by default). Lane k writes its own leaf table, numbering its objects from
+k * LANE_ID_BLOCK + 1, with binary COPY (FREEZE; with wal_level=minimal no WAL), then builds its
+indexes and runs ANALYZE, all in parallel. At commit, the coordinating connection (lane 0) gathers
+the leaves under one range-partitioned table per object table, drops the slide's old partitions
+and attaches the new ones, marks the run current and commits: readers see the old run or the new
+one, never a mix.
+
+Lane 0's leaves live inside the coordinating transaction. The other lanes' leaves are committed
+just before the swap; if the process dies in that window they are orphans no reader can see
+(not attached), and `sweep_orphans` (run by every writer and by `spatialdb status`) drops them
+once the coordinator's transaction-level advisory lock shows it is gone.
 
     with RunWriter(engine, slide_record, model=model_record) as run:
         run.add("nucleus", polygons, classes, probability)
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import uuid as uuidlib
 from collections import Counter, deque
@@ -39,6 +47,19 @@ from spatialdb.schema import OBJECT_MODELS, OBJECT_TABLES, RUN_KINDS
 
 #: Rows encoded per COPY chunk: large enough to amortise Python, small enough to pipeline.
 CHUNK_ROWS = 50_000
+#: Lane k numbers its objects k * LANE_ID_BLOCK + 1, + 2, ...
+LANE_ID_BLOCK = 1_000_000_000
+#: Advisory-lock class held by a loading transaction on its run id.
+LOADER_LOCK = 72_617_002
+_LEAF_NAME = re.compile(rf"^(?:{'|'.join(OBJECT_TABLES)})_s\d+_r(\d+)_l\d+$")
+
+INDEX_STATEMENTS = (
+    "CREATE INDEX ON {} USING gist (geom)",
+    "CREATE INDEX ON {} USING gist (centroid)",
+    "CREATE INDEX ON {} (slide_id, class)",
+    "ALTER TABLE {} ADD PRIMARY KEY (slide_id, id)",
+    "ANALYZE {}",
+)
 
 
 @dataclass
@@ -54,6 +75,10 @@ class RunResult:
         return sum(self.object_counts.get(table, {}).values())
 
 
+def default_lanes() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 class RunWriter:
     """One run of one slide, loaded atomically. Use as a context manager; call `commit()`."""
 
@@ -65,6 +90,7 @@ class RunWriter:
         model: ModelRecord | None = None,
         kind: str = "inference",
         parameters: dict | None = None,
+        lanes: int | None = None,
     ):
         if kind not in RUN_KINDS:
             raise ValueError(f"run kind must be one of {RUN_KINDS}, not {kind!r}")
@@ -73,21 +99,29 @@ class RunWriter:
         self.model = model
         self.kind = kind
         self.parameters = parameters or {}
+        self.n_lanes = lanes or default_lanes()
         self.counts: dict[str, Counter] = {t: Counter() for t in OBJECT_TABLES}
         self.repaired = 0
         self.dropped = 0
         self.timings: Counter = Counter()
-        self._next_id = dict.fromkeys(OBJECT_TABLES, 1)
-        self._raw = None
+        self._next_id = {
+            t: [k * LANE_ID_BLOCK + 1 for k in range(self.n_lanes)] for t in OBJECT_TABLES
+        }
+        self._next_lane = dict.fromkeys(OBJECT_TABLES, 0)
+        self._conns: list = []
+        self._committed_leaves: list[str] = []
         self._committed = False
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def __enter__(self) -> RunWriter:
-        self._raw = self.engine.raw_connection()
         self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+        self._lane_pool = ThreadPoolExecutor(max_workers=self.n_lanes)
         try:
-            self._cursor = self._raw.cursor()
+            self._conns = [self.engine.raw_connection() for _ in range(self.n_lanes)]
+            self._cursors = [conn.cursor() for conn in self._conns]
+            sweep_orphans(self._cursors[0])
+            self._conns[0].commit()
             self._begin()
         except BaseException:
             self._close(rollback=True)
@@ -98,19 +132,24 @@ class RunWriter:
         self._close(rollback=not self._committed)
 
     def _close(self, rollback: bool) -> None:
-        if self._raw is None:
-            return
+        self._pool.shutdown(cancel_futures=True)
+        self._lane_pool.shutdown(cancel_futures=True)
         try:
             if rollback:
-                self._raw.rollback()
+                for conn in self._conns:
+                    conn.rollback()
+                if self._committed_leaves:  # lanes committed, the swap did not: drop them now
+                    cur = self._cursors[0]
+                    for leaf in self._committed_leaves:
+                        cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(leaf)))
+                    self._conns[0].commit()
         finally:
-            self._pool.shutdown(cancel_futures=True)
-            self._raw.close()
-            self._raw = None
+            for conn in self._conns:
+                conn.close()
+            self._conns = []
 
     def _begin(self) -> None:
-        cur = self._cursor
-        cur.execute("SET LOCAL maintenance_work_mem = '1GB'")
+        cur = self._cursors[0]
         self.slide_id = upsert_slide(cur, self.slide)
         model_id = upsert_model(cur, self.model) if self.model else None
         cur.execute(
@@ -119,19 +158,27 @@ class RunWriter:
             (self.slide_id, model_id, self.kind, json.dumps(self.parameters)),
         )
         self.run_id = cur.fetchone()[0]
-        self.staging = {t: f"{t}_s{self.slide_id}_r{self.run_id}" for t in OBJECT_TABLES}
-        for table, staging in self.staging.items():
-            # The CHECK lets ATTACH PARTITION skip its validation scan.
-            cur.execute(
-                sql.SQL(
-                    "CREATE TABLE {staging} (LIKE {table} INCLUDING DEFAULTS, "
-                    "CHECK (slide_id = {slide}))"
-                ).format(
-                    staging=sql.Identifier(staging),
-                    table=sql.Identifier(table),
-                    slide=sql.Literal(self.slide_id),
+        cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOADER_LOCK, self.run_id))
+        self.partition = {t: f"{t}_s{self.slide_id}_r{self.run_id}" for t in OBJECT_TABLES}
+        self.leaves = {
+            t: [f"{p}_l{k}" for k in range(self.n_lanes)] for t, p in self.partition.items()
+        }
+        for k, lane in enumerate(self._cursors):
+            lane.execute("SET maintenance_work_mem = '1GB'")
+            for table, leaves in self.leaves.items():
+                # The CHECKs imply the partition bounds, so ATTACH PARTITION skips its scans.
+                lane.execute(
+                    sql.SQL(
+                        "CREATE TABLE {leaf} (LIKE {table} INCLUDING DEFAULTS, "
+                        "CHECK (slide_id = {slide}), CHECK (id >= {low} AND id < {high}))"
+                    ).format(
+                        leaf=sql.Identifier(leaves[k]),
+                        table=sql.Identifier(table),
+                        slide=sql.Literal(self.slide_id),
+                        low=sql.Literal(k * LANE_ID_BLOCK + 1),
+                        high=sql.Literal((k + 1) * LANE_ID_BLOCK + 1),
+                    )
                 )
-            )
 
     # -- loading --------------------------------------------------------------------------------
 
@@ -153,17 +200,25 @@ class RunWriter:
             else _per_object(probability, n).astype(np.float32)
         )
         uuids = _uuid_bytes(uuids, n)
-        ids = np.arange(self._next_id[table], self._next_id[table] + n, dtype=np.int64)
-        self._next_id[table] += n
         multi = OBJECT_MODELS[table].geometry_type != "POLYGON"
 
-        def encode_chunk(part: slice) -> tuple[bytes, Prepared, dict]:
+        # Chunks go to the lanes in turn; each lane numbers its objects in its own id block.
+        lane_chunks: list[list[tuple[slice, int]]] = [[] for _ in range(self.n_lanes)]
+        for start in range(0, n, CHUNK_ROWS):
+            part = slice(start, min(start + CHUNK_ROWS, n))
+            lane = self._next_lane[table]
+            lane_chunks[lane].append((part, self._next_id[table][lane]))
+            self._next_id[table][lane] += part.stop - part.start
+            self._next_lane[table] = (lane + 1) % self.n_lanes
+
+        def encode_chunk(item: tuple[slice, int]) -> tuple[bytes, Prepared, dict]:
+            part, first_id = item
             prepared = prepare_polygons(geoms[part], multi=multi)
             keep = prepared.source_index
             rows = ObjectRows(
                 slide_id=self.slide_id,
                 run_id=self.run_id,
-                ids=ids[part][keep],
+                ids=first_id + keep.astype(np.int64),
                 uuids=uuids[part][keep],
                 probability=probability[part][keep],
                 classes=classes[part][keep],
@@ -174,53 +229,58 @@ class RunWriter:
             names, counts = np.unique(rows.classes.astype(str), return_counts=True)
             return encode(rows), prepared, dict(zip(names.tolist(), counts.tolist(), strict=True))
 
-        stored = 0
-
-        def chunks() -> Iterator[bytes]:
-            nonlocal stored
-            parts = (slice(s, s + CHUNK_ROWS) for s in range(0, n, CHUNK_ROWS))
-            for data, prepared, class_counts in _ordered_map(self._pool, encode_chunk, parts):
-                self.counts[table].update(class_counts)
-                self.repaired += prepared.repaired
-                self.dropped += prepared.dropped
-                stored += len(prepared.geoms)
-                yield data
-
         columns = sql.SQL(", ").join(map(sql.Identifier, OBJECT_COLUMNS))
-        statement = sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT binary, FREEZE)").format(
-            sql.Identifier(self.staging[table]), columns
-        )
-        self._cursor.copy_expert(statement, CopyStream(chunks()), size=1 << 20)
+        reports: list[tuple[Prepared, dict]] = []
+
+        def copy_lane(k: int) -> None:
+            def chunks() -> Iterator[bytes]:
+                for data, prepared, class_counts in _ordered_map(
+                    self._pool, encode_chunk, lane_chunks[k]
+                ):
+                    reports.append((prepared, class_counts))
+                    yield data
+
+            statement = sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT binary, FREEZE)").format(
+                sql.Identifier(self.leaves[table][k]), columns
+            )
+            self._cursors[k].copy_expert(statement, CopyStream(chunks()), size=1 << 20)
+
+        self._on_lanes(copy_lane, [k for k in range(self.n_lanes) if lane_chunks[k]])
+        stored = 0
+        for prepared, class_counts in reports:
+            self.counts[table].update(class_counts)
+            self.repaired += prepared.repaired
+            self.dropped += prepared.dropped
+            stored += len(prepared.geoms)
         self.timings["copy_s"] += time.perf_counter() - started
         return stored
+
+    def _on_lanes(self, fn, lanes: list[int]) -> None:
+        """fn(k) for each lane at once (one connection each); re-raises the first failure."""
+        for future in [self._lane_pool.submit(fn, k) for k in lanes]:
+            future.result()
 
     # -- commit ---------------------------------------------------------------------------------
 
     def commit(self, timings: dict[str, float] | None = None) -> RunResult:
         """Index, swap the slide's partitions and commit: the new run becomes current."""
-        cur = self._cursor
         started = time.perf_counter()
-        for staging in self.staging.values():
-            ident = sql.Identifier(staging)
-            for statement in (
-                "CREATE INDEX ON {} USING gist (geom)",
-                "CREATE INDEX ON {} USING gist (centroid)",
-                "CREATE INDEX ON {} (slide_id, class)",
-                "ALTER TABLE {} ADD PRIMARY KEY (slide_id, id)",
-                "ANALYZE {}",
-            ):
-                cur.execute(sql.SQL(statement).format(ident))
+
+        def index_lane(k: int) -> None:
+            for leaves in self.leaves.values():
+                for statement in INDEX_STATEMENTS:
+                    self._cursors[k].execute(sql.SQL(statement).format(sql.Identifier(leaves[k])))
+
+        self._on_lanes(index_lane, list(range(self.n_lanes)))
+        for k in range(1, self.n_lanes):
+            self._committed_leaves += [leaves[k] for leaves in self.leaves.values()]
+            self._conns[k].commit()
         self.timings["index_s"] += time.perf_counter() - started
+
         started = time.perf_counter()
-        for table, staging in self.staging.items():
-            cur.execute(SLIDE_PARTITIONS, {"parent": table, "slide_id": self.slide_id})
-            for (old,) in cur.fetchall():
-                cur.execute(sql.SQL("DROP TABLE {}").format(sql.SQL(old)))
-            cur.execute(
-                sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES IN ({})").format(
-                    sql.Identifier(table), sql.Identifier(staging), sql.Literal(self.slide_id)
-                )
-            )
+        cur = self._cursors[0]
+        for table, partition in self.partition.items():
+            self._assemble(cur, table, partition)
         counts = {t: {k: int(v) for k, v in c.items()} for t, c in self.counts.items()}
         all_timings = {**(timings or {}), **{k: round(v, 4) for k, v in self.timings.items()}}
         all_timings["swap_s"] = round(time.perf_counter() - started, 4)
@@ -244,11 +304,54 @@ class RunWriter:
             "WHERE id = %s",
             (self.run_id, self.slide_id),
         )
-        self._raw.commit()
+        self._conns[0].commit()
         self._committed = True
         return RunResult(
             self.slide_id, self.run_id, counts, self.repaired, self.dropped, all_timings
         )
+
+    def _assemble(self, cur, table: str, partition: str) -> None:
+        """The lanes' leaves under one table, swapped in as the slide's partition."""
+        cur.execute(
+            sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS) PARTITION BY RANGE (id)").format(
+                sql.Identifier(partition), sql.Identifier(table)
+            )
+        )
+        for k, leaf in enumerate(self.leaves[table]):
+            cur.execute(
+                sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})").format(
+                    sql.Identifier(partition),
+                    sql.Identifier(leaf),
+                    sql.Literal(k * LANE_ID_BLOCK + 1),
+                    sql.Literal((k + 1) * LANE_ID_BLOCK + 1),
+                )
+            )
+        cur.execute(SLIDE_PARTITIONS, {"parent": table, "slide_id": self.slide_id})
+        for (old,) in cur.fetchall():
+            cur.execute(sql.SQL("DROP TABLE {}").format(sql.SQL(old)))
+        cur.execute(
+            sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES IN ({})").format(
+                sql.Identifier(table), sql.Identifier(partition), sql.Literal(self.slide_id)
+            )
+        )
+
+
+def sweep_orphans(cursor) -> list[str]:
+    """Drop lane tables left by a loader that died between its lanes' commit and its swap."""
+    cursor.execute(
+        "SELECT relname FROM pg_class WHERE relkind = 'r' AND NOT relispartition "
+        "AND relnamespace = 'public'::regnamespace"
+    )
+    dropped = []
+    for (name,) in cursor.fetchall():
+        match = _LEAF_NAME.match(name)
+        if match is None:
+            continue
+        cursor.execute("SELECT pg_try_advisory_xact_lock(%s, %s)", (LOADER_LOCK, int(match[1])))
+        if cursor.fetchone()[0]:  # its loader is gone
+            cursor.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))
+            dropped.append(name)
+    return dropped
 
 
 def _per_object(values, n: int) -> np.ndarray:
