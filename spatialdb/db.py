@@ -83,14 +83,16 @@ def connect(url: str | None = None, *, migrate: bool | None = None) -> Engine:
     """An engine on a reachable database whose schema is current.
 
     The embedded cluster is started and migrated automatically; an external server is migrated
-    only when asked (`spatialdb db upgrade`), since its schema belongs to its administrator.
+    only when asked (`spatialdb db upgrade`, migrate=True), since its schema belongs to its
+    administrator.
     """
     resolved, embedded = resolve_url(url)
     engine = make_engine(resolved)
     try:
-        if migrate if migrate is not None else embedded:
+        at_head = current_revision(engine) == head_revision()
+        if (migrate if migrate is not None else embedded) and not at_head:
             upgrade(engine)
-        elif current_revision(engine) != head_revision():
+        elif not at_head and not migrate:
             raise DatabaseUnavailable(
                 f"the database at {redact(resolved)} is not at the current schema; "
                 "run: spatialdb db upgrade"

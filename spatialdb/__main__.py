@@ -1,0 +1,5 @@
+import sys
+
+from spatialdb.cli.main import main
+
+sys.exit(main())

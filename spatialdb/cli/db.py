@@ -1,0 +1,38 @@
+"""`spatialdb db ...`: the database itself (schema upgrade, URL in use, embedded server)."""
+
+import click
+
+from spatialdb.config import home_dir
+from spatialdb.db import connect, current_revision, redact, resolve_url
+from spatialdb.embedded import EmbeddedCluster
+
+
+@click.group()
+def db() -> None:
+    """Manage the database: schema, URL, embedded server."""
+
+
+@db.command()
+@click.pass_obj
+def upgrade(obj: dict) -> None:
+    """Migrate the database to the current schema (creates PostGIS if allowed)."""
+    engine = connect(obj["db_url"], migrate=True)
+    click.echo(
+        f"{redact(engine.url.render_as_string(hide_password=False))} at revision {current_revision(engine)}"
+    )
+
+
+@db.command()
+@click.pass_obj
+def url(obj: dict) -> None:
+    """Print the database URL in use (starting the embedded server if it is the one)."""
+    click.echo(redact(resolve_url(obj["db_url"])[0]))
+
+
+@db.command()
+def stop() -> None:
+    """Stop the embedded PostgreSQL server (it starts again on the next command)."""
+    cluster = EmbeddedCluster(home_dir())
+    click.echo(
+        f"stopped {cluster.data_dir}" if cluster.stop() else "the embedded server was not running"
+    )

@@ -1,0 +1,65 @@
+"""The `spatialdb` command: parses arguments, delegates, and turns user errors into one line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from spatialdb.cli import db, delete, status
+from spatialdb.errors import UserError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--db-url",
+    envvar="SPATIALDB_URL",
+    default=None,
+    help="PostGIS server to use (default: $SPATIALDB_URL, else the embedded cluster).",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details to stderr.")
+@click.pass_context
+def cli(ctx: click.Context, db_url: str | None, verbose: bool) -> None:
+    """QuPath-interoperable spatial analytics database for histology."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    ctx.obj = {"db_url": db_url}
+
+
+cli.add_command(db.db)
+cli.add_command(status.status)
+cli.add_command(delete.delete)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: exit 0 on success, 1 with one `spatialdb: error: ...` line on user errors."""
+    from sqlalchemy.exc import OperationalError
+
+    from spatialdb.db import first_line
+
+    try:
+        result = cli.main(args=argv, prog_name="spatialdb", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("spatialdb: aborted", err=True)
+        return 1
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except UserError as exc:
+        click.echo(f"spatialdb: error: {exc}", err=True)
+        return 1
+    except OperationalError as exc:
+        click.echo(f"spatialdb: error: database: {first_line(exc.orig or exc)}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        click.echo("spatialdb: interrupted", err=True)
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
