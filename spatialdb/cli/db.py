@@ -17,9 +17,8 @@ def db() -> None:
 def upgrade(obj: dict) -> None:
     """Migrate the database to the current schema (creates PostGIS if allowed)."""
     engine = connect(obj["db_url"], migrate=True)
-    click.echo(
-        f"{redact(engine.url.render_as_string(hide_password=False))} at revision {current_revision(engine)}"
-    )
+    url = redact(engine.url.render_as_string(hide_password=False))
+    click.echo(f"{url} at revision {current_revision(engine)}")
 
 
 @db.command()
