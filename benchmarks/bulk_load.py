@@ -98,6 +98,7 @@ def pre_encoded_rows(geoms, classes, probability) -> tuple[bytes, bytes]:
             "class": classes,
         }
     )[list(OBJECT_COLUMNS)].to_csv(sep="\t", header=False, index=False)
+    class_codes, class_names = pd.factorize(classes)
     binary = encode(
         ObjectRows(
             slide_id=0,
@@ -105,7 +106,8 @@ def pre_encoded_rows(geoms, classes, probability) -> tuple[bytes, bytes]:
             ids=np.arange(1, n + 1),
             uuids=uuids,
             probability=probability,
-            classes=classes,
+            class_codes=class_codes,
+            class_names=class_names.tolist(),
             geoms=geoms,
             mpp_x=MPP,
             mpp_y=MPP,

@@ -21,7 +21,12 @@ from itertools import chain
 import numpy as np
 import shapely
 
-from spatialdb.geometry import has_holes, measurements, ring_measurements
+from spatialdb.geometry import (
+    measurements,
+    ring_measurements,
+    simple_polygons,
+    star_shaped_rings,
+)
 
 HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 TRAILER = struct.pack(">h", -1)
@@ -53,7 +58,8 @@ class ObjectRows:
     ids: np.ndarray
     uuids: np.ndarray  # (n, 16) uint8
     probability: np.ndarray  # float32
-    classes: np.ndarray  # non-empty str
+    class_codes: np.ndarray  # int, index into class_names
+    class_names: list[str]  # non-empty
     geoms: np.ndarray  # valid shapely polygons or multipolygons, level-0 px
     mpp_x: float
     mpp_y: float
@@ -64,21 +70,35 @@ class ObjectRows:
             ids=self.ids[index],
             uuids=self.uuids[index],
             probability=self.probability[index],
-            classes=self.classes[index],
+            class_codes=self.class_codes[index],
             geoms=self.geoms[index],
         )
 
 
-def encode(rows: ObjectRows) -> bytes:
-    """The rows in binary COPY format, without the stream header and trailer."""
-    holes = has_holes(rows.geoms)
-    simple = rows.take(np.flatnonzero(~holes))
-    other = rows.take(np.flatnonzero(holes))
-    return b"".join(chain(_encode_simple(simple), _encode_other(other)))
+def encode(rows: ObjectRows, *, prove_validity: bool = False) -> tuple[bytes, np.ndarray]:
+    """The rows in binary COPY format (no stream header or trailer) and the rows left out.
+
+    Without `prove_validity` the geometries must be valid and every row is encoded. With it, the
+    geometries are unchecked: hole-free polygons whose rings `star_shaped_rings` proves valid are
+    encoded, and the indices of all other rows are returned for GEOS to check and repair.
+    """
+    simple = simple_polygons(rows.geoms)
+    simple_index, other_index = np.flatnonzero(simple), np.flatnonzero(~simple)
+    parts, unproven = [], []
+    for data, left_out in _encode_simple(rows.take(simple_index), prove_validity):
+        parts.append(data)
+        unproven.append(simple_index[left_out])
+    if prove_validity:
+        unproven.append(other_index)
+    else:
+        parts.extend(_encode_other(rows.take(other_index)))
+    left_out = np.sort(np.concatenate(unproven)) if unproven else np.array([], dtype=np.int64)
+    return b"".join(parts), left_out
 
 
-def _encode_simple(rows: ObjectRows) -> Iterator[bytes]:
-    """Hole-free polygons: WKB written from coordinates, one 2-D byte block per layout."""
+def _encode_simple(rows: ObjectRows, prove: bool) -> Iterator[tuple[bytes, np.ndarray]]:
+    """Hole-free polygons: WKB written from coordinates, one 2-D byte block per layout; with
+    `prove`, only rings proven valid (the others' indices are yielded alongside)."""
     points = shapely.get_num_coordinates(rows.geoms)
     rows, keys, bounds = _grouped(rows, points)
     points = points[bounds.order]
@@ -87,15 +107,22 @@ def _encode_simple(rows: ObjectRows) -> Iterator[bytes]:
     for (name, with_probability), b, e in zip(keys, bounds.starts, bounds.ends, strict=True):
         k = int(points[b])
         rings = coords[point_start[b] : point_start[e]].reshape(e - b, k, 2)
+        ok = star_shaped_rings(rings) if prove else np.ones(e - b, dtype=bool)
+        left_out = bounds.order[b + np.flatnonzero(~ok)]
+        if not ok.any():
+            yield b"", left_out
+            continue
+        sel = b + np.flatnonzero(ok)
+        rings = rings[ok] if not ok.all() else rings
         area, perimeter, cx, cy = ring_measurements(rings, rows.mpp_x, rows.mpp_y)
-        record = _records(rows, b, e, name, with_probability, area, perimeter, cx, cy, k)
+        record = _records(rows, sel, name, with_probability, area, perimeter, cx, cy, k)
         record["l_geom"] = _POLYGON_HEADER + 16 * k
         record["g_order"], record["g_type"], record["g_rings"] = 1, _WKB_POLYGON, 1
         record["g_points"] = k
-        block = np.empty((e - b, record.dtype.itemsize + 16 * k), dtype=np.uint8)
-        block[:, : record.dtype.itemsize] = record.view(np.uint8).reshape(e - b, -1)
-        block[:, record.dtype.itemsize :] = rings.astype("<f8").view(np.uint8).reshape(e - b, -1)
-        yield block.tobytes()
+        block = np.empty((len(sel), record.dtype.itemsize + 16 * k), dtype=np.uint8)
+        block[:, : record.dtype.itemsize] = record.view(np.uint8).reshape(len(sel), -1)
+        block[:, record.dtype.itemsize :] = rings.astype("<f8").view(np.uint8).reshape(len(sel), -1)
+        yield block.tobytes(), left_out
 
 
 def _encode_other(rows: ObjectRows) -> Iterator[bytes]:
@@ -104,14 +131,14 @@ def _encode_other(rows: ObjectRows) -> Iterator[bytes]:
     area, perimeter, cx, cy = measurements(rows.geoms, rows.mpp_x, rows.mpp_y)
     wkb = shapely.to_wkb(rows.geoms, byte_order=_LITTLE_ENDIAN, output_dimension=2)
     for (name, with_probability), b, e in zip(keys, bounds.starts, bounds.ends, strict=True):
-        part = slice(b, e)
+        sel = np.arange(b, e)
         record = _records(
-            rows, b, e, name, with_probability, area[part], perimeter[part], cx[part], cy[part]
+            rows, sel, name, with_probability, area[sel], perimeter[sel], cx[sel], cy[sel]
         )
-        record["l_geom"] = np.frompyfunc(len, 1, 1)(wkb[part]).astype(np.int32)
+        record["l_geom"] = np.frompyfunc(len, 1, 1)(wkb[sel]).astype(np.int32)
         raw, size = record.tobytes(), record.dtype.itemsize
         heads = [raw[i : i + size] for i in range(0, len(raw), size)]
-        yield b"".join(chain.from_iterable(zip(heads, wkb[part], strict=True)))
+        yield b"".join(chain.from_iterable(zip(heads, wkb[sel], strict=True)))
 
 
 @dataclass
@@ -123,28 +150,29 @@ class _Bounds:
 
 def _grouped(rows: ObjectRows, layout: np.ndarray) -> tuple[ObjectRows, list, _Bounds]:
     """Rows sorted by (class, probability known, layout); each group's key and extent."""
-    names, class_code = np.unique(rows.classes.astype(str), return_inverse=True)
-    class_code = class_code.ravel()
+    class_code = rows.class_codes
     known = ~np.isnan(rows.probability)
     order = np.lexsort((layout, known, class_code))
     key = np.stack([class_code[order], known[order], layout[order]], axis=1)
     change = np.flatnonzero(np.any(key[1:] != key[:-1], axis=1)) + 1
     starts = np.concatenate([[0], change]).astype(np.int64) if len(key) else np.array([], int)
     ends = np.concatenate([change, [len(key)]]).astype(np.int64) if len(key) else starts
-    keys = [(names[key[b, 0]].encode(), bool(key[b, 1])) for b in starts]
+    keys = [(rows.class_names[key[b, 0]].encode(), bool(key[b, 1])) for b in starts]
     return rows.take(order), keys, _Bounds(order, starts, ends)
 
 
-def _records(rows, b, e, name, with_probability, area, perimeter, cx, cy, points=None):
-    """The fixed-width part of rows b..e, up to the geometry's length (and WKB header)."""
-    record = np.zeros(e - b, dtype=_record_dtype(with_probability, len(name), points is not None))
+def _records(rows, sel, name, with_probability, area, perimeter, cx, cy, points=None):
+    """The fixed-width part of rows `sel`, up to the geometry's length (and WKB header)."""
+    record = np.zeros(
+        len(sel), dtype=_record_dtype(with_probability, len(name), points is not None)
+    )
     record["nfields"] = len(OBJECT_COLUMNS)
     record["l_slide"], record["slide_id"] = 4, rows.slide_id
-    record["l_id"], record["id"] = 8, rows.ids[b:e]
+    record["l_id"], record["id"] = 8, rows.ids[sel]
     record["l_run"], record["run_id"] = 4, rows.run_id
-    record["l_uuid"], record["uuid"] = 16, rows.uuids[b:e].view("V16").ravel()
+    record["l_uuid"], record["uuid"] = 16, rows.uuids[sel].view("V16").ravel()
     if with_probability:
-        record["l_probability"], record["probability"] = 4, rows.probability[b:e]
+        record["l_probability"], record["probability"] = 4, rows.probability[sel]
     else:
         record["l_probability"] = -1  # NULL
     record["l_area"], record["area_um2"] = 8, area

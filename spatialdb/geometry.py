@@ -51,6 +51,26 @@ def prepare_polygons(geoms, *, multi: bool) -> Prepared:
     return Prepared(geoms[keep], index[keep], repaired, int((~keep).sum()))
 
 
+def star_shaped_rings(rings: np.ndarray) -> np.ndarray:
+    """For closed rings of equal point count, as one (n, points, 2) array: True where the ring
+    turns strictly one way around its vertex mean and winds once. Such a ring is star-shaped
+    around that point and cannot cross itself, so its polygon is valid; False only means "not
+    proven" (GEOS decides). This is a fraction of the cost of GEOS's check for nucleus-like shapes.
+    """
+    if rings.shape[1] < 4:
+        return np.zeros(len(rings), dtype=bool)
+    ring = rings[:, :-1]
+    d = ring - ring.mean(axis=1, keepdims=True)
+    x, y = d[..., 0], d[..., 1]
+    x1, y1 = np.roll(x, -1, axis=1), np.roll(y, -1, axis=1)
+    cross = x * y1 - x1 * y
+    # With every step turning the same way by less than pi, the winding number is the number of
+    # crossings of the positive x half-axis in that direction.
+    ccw = np.all(cross > 0, axis=1) & (np.sum((y < 0) & (y1 >= 0), axis=1) == 1)
+    cw = np.all(cross < 0, axis=1) & (np.sum((y >= 0) & (y1 < 0), axis=1) == 1)
+    return (ccw | cw) & np.isfinite(d).all(axis=(1, 2))
+
+
 def _polygonal_parts(geoms: np.ndarray, *, multi: bool) -> np.ndarray:
     """Loop over repaired shapes only: keep Polygon parts of collections."""
     out = np.empty(len(geoms), dtype=object)
@@ -85,10 +105,11 @@ def measurements(geoms: np.ndarray, mpp_x: float, mpp_y: float):
     return area_um2, perimeter_um, shapely.get_x(centroids), shapely.get_y(centroids)
 
 
-def has_holes(geoms: np.ndarray) -> np.ndarray:
-    """True where a polygon has interior rings (or the geometry is a multipolygon)."""
-    types = shapely.get_type_id(geoms)
-    return (types != GeometryType.POLYGON) | (shapely.get_num_interior_rings(geoms) > 0)
+def simple_polygons(geoms: np.ndarray) -> np.ndarray:
+    """True for polygons without holes (not multipolygons), whose WKB is one ring."""
+    return (shapely.get_type_id(geoms) == GeometryType.POLYGON) & (
+        shapely.get_num_interior_rings(geoms) == 0
+    )
 
 
 def ring_measurements(rings: np.ndarray, mpp_x: float, mpp_y: float):

@@ -28,9 +28,10 @@ import uuid as uuidlib
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
+import pandas as pd
 from psycopg2 import sql
 from sqlalchemy import Engine
 
@@ -191,8 +192,9 @@ class RunWriter:
         started = time.perf_counter()
         geoms = np.asarray(geoms, dtype=object)
         n = len(geoms)
-        classes = _per_object(classes, n)
-        if not all(isinstance(c, str) and c for c in set(classes.tolist())):
+        class_codes, class_names = pd.factorize(_per_object(classes, n))
+        class_names = class_names.tolist()
+        if not all(isinstance(c, str) and c for c in class_names) or (class_codes < 0).any():
             raise ValueError("class names must be non-empty strings")
         probability = (
             np.full(n, np.nan, dtype=np.float32)
@@ -211,26 +213,36 @@ class RunWriter:
             self._next_id[table][lane] += part.stop - part.start
             self._next_lane[table] = (lane + 1) % self.n_lanes
 
-        def encode_chunk(item: tuple[slice, int]) -> tuple[bytes, Prepared, dict]:
+        def encode_chunk(item: tuple[slice, int]) -> tuple[bytes, Prepared, Counter]:
             part, first_id = item
-            prepared = prepare_polygons(geoms[part], multi=multi)
-            keep = prepared.source_index
             rows = ObjectRows(
                 slide_id=self.slide_id,
                 run_id=self.run_id,
-                ids=first_id + keep.astype(np.int64),
-                uuids=uuids[part][keep],
-                probability=probability[part][keep],
-                classes=classes[part][keep],
-                geoms=prepared.geoms,
+                ids=first_id + np.arange(part.stop - part.start, dtype=np.int64),
+                uuids=uuids[part],
+                probability=probability[part],
+                class_codes=class_codes[part],
+                class_names=class_names,
+                geoms=geoms[part],
                 mpp_x=self.slide.mpp_x,
                 mpp_y=self.slide.mpp_y,
             )
-            names, counts = np.unique(rows.classes.astype(str), return_counts=True)
-            return encode(rows), prepared, dict(zip(names.tolist(), counts.tolist(), strict=True))
+            # Shapes proven valid cheaply are encoded at once; GEOS checks and repairs the rest.
+            if multi:  # every shape becomes a multipolygon through the checked path
+                proven, left_out = b"", np.arange(len(rows.ids))
+            else:
+                proven, left_out = encode(rows, prove_validity=True)
+            unchecked = rows.take(left_out)
+            prepared = prepare_polygons(unchecked.geoms, multi=multi)
+            rest = replace(unchecked.take(prepared.source_index), geoms=prepared.geoms)
+            checked, _ = encode(rest)
+            stored = Counter(np.asarray(class_names)[rows.class_codes].tolist())
+            stored.subtract(np.asarray(class_names)[unchecked.class_codes].tolist())
+            stored.update(np.asarray(class_names)[rest.class_codes].tolist())
+            return proven + checked, prepared, +stored
 
         columns = sql.SQL(", ").join(map(sql.Identifier, OBJECT_COLUMNS))
-        reports: list[tuple[Prepared, dict]] = []
+        reports: list[tuple[Prepared, Counter]] = []
 
         def copy_lane(k: int) -> None:
             def chunks() -> Iterator[bytes]:
@@ -251,7 +263,7 @@ class RunWriter:
             self.counts[table].update(class_counts)
             self.repaired += prepared.repaired
             self.dropped += prepared.dropped
-            stored += len(prepared.geoms)
+            stored += sum(class_counts.values())
         self.timings["copy_s"] += time.perf_counter() - started
         return stored
 
