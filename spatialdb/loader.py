@@ -10,8 +10,8 @@ one, never a mix.
 
 Lane 0's leaves live inside the coordinating transaction. The other lanes' leaves are committed
 just before the swap; if the process dies in that window they are orphans no reader can see
-(not attached), and `sweep_orphans` (run by every writer and by `spatialdb status`) drops them
-once the coordinator's transaction-level advisory lock shows it is gone.
+(not attached), and `sweep_orphans`, run by every writer before it starts, drops them once the
+coordinator's transaction-level advisory lock shows it is gone.
 
     with RunWriter(engine, slide_record, model=model_record) as run:
         run.add("nucleus", polygons, classes, probability)
