@@ -1,0 +1,259 @@
+"""The Cerberus multi-task network (Graham et al., Medical Image Analysis 2023).
+
+A ResNet encoder shared by separate U-Net-style decoders with additive skips, one per task
+(`Gland`, `Gland#TYPE`, `Lumen`, `Nuclei`, `Nuclei#TYPE`), each ending in a 1x1 output head, and
+a patch-classification head on the centre of the bottleneck. Module names follow the published
+implementation so that its checkpoint loads into the `cerberus` preset unchanged
+(see docs/cerberus_layout.md); smaller presets reuse the same structure with other widths.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+
+#: Segmentation decoders: name -> (output head name, output channels).
+DECODERS = {
+    "Gland": ("INST", 3),  # background / eroded inner / contour
+    "Gland#TYPE": ("TYPE", 3),
+    "Lumen": ("INST", 3),
+    "Nuclei": ("INST", 3),
+    "Nuclei#TYPE": ("TYPE", 7),
+}
+PATCH_HEAD = "Patch-Class"
+
+NUCLEUS_TYPES = (
+    "nolabel",
+    "neutrophil",
+    "epithelial",
+    "lymphocyte",
+    "plasma",
+    "eosinophil",
+    "connective",
+)
+GLAND_TYPES = ("nolabel", "gland", "surface-epi")
+TISSUE_CLASSES = (
+    "background",
+    "abnormal epithelium",
+    "normal epithelium",
+    "inflammatory",
+    "muscle",
+    "stroma",
+    "debris",
+    "mucous",
+    "adipose",
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Shapes of one network configuration."""
+
+    name: str
+    widths: tuple[int, int, int, int, int]  # stem, then the four encoder stages
+    blocks: tuple[int, int, int, int]  # residual blocks per stage
+    stem_stride: int  # 1 in Cerberus: full-resolution decoder output
+    input_size: int  # patch side read from the slide, px at `mpp`
+    output_size: int  # central part of the output that is kept, px
+    head_channels: int = 96
+    imagenet_fc: bool = False  # the published checkpoint carries an unused 1000-class fc
+    mpp: float = 0.5
+
+    @property
+    def total_stride(self) -> int:
+        return self.stem_stride * 16  # maxpool and three strided stages
+
+    @property
+    def patch_cells(self) -> int:
+        """Bottleneck cells under the kept output (Cerberus: 144 px / 16 = 9)."""
+        return self.output_size // self.total_stride
+
+
+PRESETS = {
+    "cerberus": Preset(
+        name="cerberus",
+        widths=(64, 64, 128, 256, 512),
+        blocks=(3, 4, 6, 3),
+        stem_stride=1,
+        input_size=448,
+        output_size=144,
+        imagenet_fc=True,
+    ),
+}
+
+
+class Encoder(nn.Module):
+    """A torchvision-style ResNet (same parameter names) returning the five feature maps."""
+
+    def __init__(self, preset: Preset):
+        super().__init__()
+        stem, *stages = preset.widths
+        self.conv1 = nn.Conv2d(3, stem, 7, stride=preset.stem_stride, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        channels = stem
+        for i, (width, count) in enumerate(zip(stages, preset.blocks, strict=True)):
+            stride = 1 if i == 0 else 2
+            downsample = None
+            if stride != 1 or channels != width:
+                downsample = nn.Sequential(
+                    nn.Conv2d(channels, width, 1, stride=stride, bias=False), nn.BatchNorm2d(width)
+                )
+            layer = [BasicBlock(channels, width, stride, downsample)]
+            layer += [BasicBlock(width, width) for _ in range(count - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
+            channels = width
+        if preset.imagenet_fc:
+            self.fc = nn.Linear(channels, 1000)  # unused; present for checkpoint compatibility
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x0 = self.relu(self.bn1(self.conv1(x)))
+        x1 = self.layer1(self.maxpool(x0))
+        x2 = self.layer2(x1)
+        x3 = self.layer3(x2)
+        x4 = self.layer4(x3)
+        return [x0, x1, x2, x3, x4]
+
+
+class ConvLayer(nn.Module):
+    """conv -> batch norm -> ReLU."""
+
+    def __init__(self, in_ch: int, out_ch: int, ksize: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, ksize, padding=ksize // 2, bias=True)
+        self.bn = nn.BatchNorm2d(out_ch, eps=1e-5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(x)))
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, in_ch: int, out_chs: list[int], ksize: int):
+        super().__init__()
+        self.block = nn.ModuleList()
+        for out_ch in out_chs:
+            self.block.append(ConvLayer(in_ch, out_ch, ksize))
+            in_ch = out_ch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.block:
+            x = layer(x)
+        return x
+
+
+class Conv1x1(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, 1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class OutputHead(nn.Module):
+    def __init__(self, in_ch: int, mid_ch: int, out_ch: int):
+        super().__init__()
+        self.x = nn.Sequential(ConvBlock(in_ch, [mid_ch], 1), Conv1x1(mid_ch, out_ch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.x(x)
+
+
+def _decoder(f: tuple[int, ...]) -> nn.ModuleList:
+    """Four upsampling stages from the bottleneck back to the stem's resolution."""
+    return nn.ModuleList(
+        [
+            ConvBlock(f[-2], [f[-2], f[-3]], 3),
+            ConvBlock(f[-3], [f[-3], f[-4]], 3),
+            ConvBlock(f[-4], [f[-4], f[-5]], 3),
+            ConvBlock(f[-5], [f[-5], f[-5]], 3),
+        ]
+    )
+
+
+class CerberusNet(nn.Module):
+    """Input: RGB uint8-range tensors (N, 3, H, W) at `preset.mpp`. Output: logits per head,
+    `<task>-INST` / `<task>-TYPE` at the input size and `Patch-Class` as (N, 9)."""
+
+    def __init__(self, preset: Preset):
+        super().__init__()
+        self.preset = preset
+        f = preset.widths
+        self.backbone = Encoder(preset)
+        self.conv_map = nn.Conv2d(f[-1], f[-2], 1, bias=False)
+        heads: dict[str, nn.Module] = {name: _decoder(f) for name in DECODERS}
+        heads[PATCH_HEAD] = nn.Sequential(
+            OrderedDict(
+                bn1=nn.BatchNorm2d(f[-1], eps=1e-5),
+                relu1=nn.ReLU(inplace=True),
+                dropout=nn.Dropout(p=0.3),
+                conv1=nn.Conv2d(f[-1], f[-2], 1),
+                bn2=nn.BatchNorm2d(f[-2], eps=1e-5),
+                relu2=nn.ReLU(inplace=True),
+                conv2=nn.Conv2d(f[-2], len(TISSUE_CLASSES), 1),
+            )
+        )
+        self.decoder_head = nn.ModuleDict(heads)
+        self.output_head = nn.ModuleDict(
+            {
+                name: nn.ModuleDict({head: OutputHead(f[0], preset.head_channels, channels)})
+                for name, (head, channels) in DECODERS.items()
+            }
+        )
+
+    def forward(self, images: torch.Tensor, tasks: tuple[str, ...] | None = None) -> dict:
+        size = images.shape[-2:]
+        feats = self.backbone(images / 255.0)
+        bottom = self.conv_map(feats[-1])
+        out = {}
+        for name, blocks in self.decoder_head.items():
+            if name == PATCH_HEAD or (tasks is not None and name not in tasks):
+                continue
+            x = bottom
+            for i, block in enumerate(blocks):
+                x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+                x = block(feats[-(i + 2)] + x)
+            for head, module in self.output_head[name].items():
+                logits = module(x)
+                if logits.shape[-2:] != size:  # strided stems decode below input resolution
+                    logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+                out[f"{name.split('#')[0]}-{head}"] = logits
+        if tasks is None or PATCH_HEAD in tasks:
+            centre = _crop_centre(feats[-1], self.preset.patch_cells)
+            pooled = F.adaptive_avg_pool2d(centre, 1)
+            out[PATCH_HEAD] = self.decoder_head[PATCH_HEAD](pooled).flatten(1)
+        return out
+
+
+def _crop_centre(x: torch.Tensor, cells: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    if h <= cells and w <= cells:
+        return x
+    top, left = (h - cells) // 2, (w - cells) // 2
+    return x[..., top : top + cells, left : left + cells]
+
+
+def build(preset: str | Preset) -> CerberusNet:
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        preset = PRESETS[preset]
+    return CerberusNet(preset)
+
+
+def load_published_checkpoint(path: str) -> CerberusNet:
+    """The `cerberus` preset with weights from the published checkpoint (`weights.tar`: a dict
+    whose 'desc' holds the state dict, possibly with DataParallel's 'module.' prefix)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    state = saved.get("desc", saved)
+    if all(key.startswith("module.") for key in state):
+        state = {key[len("module.") :]: value for key, value in state.items()}
+    net = build("cerberus")
+    net.load_state_dict(state, strict=True)
+    return net
