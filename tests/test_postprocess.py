@@ -1,0 +1,75 @@
+"""Post-processing from head probabilities to instances, on synthetic maps with known answers."""
+
+import numpy as np
+
+from inference.postprocess import (
+    lumina_inside_glands,
+    majority_types,
+    nuclei_instances,
+    region_instances,
+)
+from inference.targets import inner_contour_map
+
+
+def probabilities(classes: np.ndarray) -> np.ndarray:
+    """A confident (3, H, W) probability map from a class map."""
+    return np.stack([(classes == c).astype(np.float32) for c in range(3)])
+
+
+def discs(centres, radius, shape=(60, 80)) -> np.ndarray:
+    y, x = np.mgrid[: shape[0], : shape[1]]
+    labels = np.zeros(shape, dtype=np.int32)
+    for i, (cy, cx) in enumerate(centres, start=1):
+        labels[((y - cy) ** 2 + (x - cx) ** 2 <= radius**2) & (labels == 0)] = i
+    return labels
+
+
+def test_touching_nuclei_are_split_by_the_watershed():
+    truth = discs([(30, 30), (30, 44)], radius=8)  # overlapping discs: one blob of foreground
+    probs = probabilities(inner_contour_map(truth, contour_px=2))
+    labels = nuclei_instances(probs)
+    assert labels.max() == 2
+    for i in (1, 2):
+        overlap = np.bincount(labels[truth == i])
+        assert overlap[1:].max() / (truth == i).sum() > 0.9
+
+
+def test_small_specks_are_not_nuclei():
+    truth = discs([(30, 30)], radius=8)
+    classes = inner_contour_map(truth, contour_px=2)
+    classes[5:7, 5:7] = 1  # a 4-pixel speck
+    assert nuclei_instances(probabilities(classes), min_area_px=10).max() == 1
+
+
+def test_glands_are_grown_back_over_their_contour_and_filled():
+    truth = np.zeros((80, 80), dtype=np.int32)
+    truth[10:50, 10:50] = 1
+    classes = inner_contour_map(truth, contour_px=3)
+    classes[25:30, 25:30] = 0  # a hole in the predicted inner region
+    labels = region_instances(probabilities(classes), contour_px=3)
+    assert labels.max() == 1
+    assert abs(int((labels == 1).sum()) - 40 * 40) <= 40  # within one pixel of the outline
+    assert labels[27, 27] == 1
+
+
+def test_lumina_outside_glands_are_dropped():
+    glands = np.zeros((50, 50), dtype=np.int32)
+    glands[0:30, 0:30] = 1
+    lumina = np.zeros_like(glands)
+    lumina[10:15, 10:15] = 1  # inside
+    lumina[40:45, 40:45] = 2  # outside
+    lumina[27:33, 10:15] = 3  # half inside
+    kept = lumina_inside_glands(lumina, glands, min_inside=0.5)
+    assert kept.max() == 2
+    assert kept[12, 12] > 0 and kept[42, 42] == 0 and kept[28, 12] > 0
+
+
+def test_instance_type_is_the_majority_of_typed_pixels():
+    instances = np.zeros((10, 10), dtype=np.int32)
+    instances[:, :5] = 1
+    instances[:, 5:] = 2
+    types = np.zeros_like(instances)
+    types[:6, :5] = 3
+    types[6:, :5] = 2
+    types[:, 5:] = 0  # untyped
+    assert majority_types(instances, types, n_types=7) == {1: (3, 0.6)}
