@@ -1,4 +1,4 @@
-"""Vectorised geometry preparation for loading: repair, measurements in µm, encodings.
+"""Vectorised geometry preparation for loading: validity, repair, measurements in µm.
 
 All functions take numpy arrays of shapely geometries and work on the whole array at once;
 only the (rare) invalid geometries are repaired one by one, and that loop is named as such.

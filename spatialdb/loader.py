@@ -236,10 +236,14 @@ class RunWriter:
             prepared = prepare_polygons(unchecked.geoms, multi=multi)
             rest = replace(unchecked.take(prepared.source_index), geoms=prepared.geoms)
             checked, _ = encode(rest)
-            stored = Counter(np.asarray(class_names)[rows.class_codes].tolist())
-            stored.subtract(np.asarray(class_names)[unchecked.class_codes].tolist())
-            stored.update(np.asarray(class_names)[rest.class_codes].tolist())
-            return proven + checked, prepared, +stored
+            n_classes = len(class_names)
+            counts = (
+                np.bincount(rows.class_codes, minlength=n_classes)
+                - np.bincount(unchecked.class_codes, minlength=n_classes)
+                + np.bincount(rest.class_codes, minlength=n_classes)
+            )
+            stored = Counter({c: int(k) for c, k in zip(class_names, counts, strict=True) if k})
+            return proven + checked, prepared, stored
 
         columns = sql.SQL(", ").join(map(sql.Identifier, OBJECT_COLUMNS))
         reports: list[tuple[Prepared, Counter]] = []
