@@ -84,6 +84,18 @@ PRESETS = {
         output_size=144,
         imagenet_fc=True,
     ),
+    # Our CPU design: half the widths, two blocks per stage, a stride-2 stem (decoders end at
+    # 1 µm/px; logits are upsampled to the input), and a thin 64 px context margin so that most
+    # of each patch is kept: 512 in, 384 kept.
+    "cpu": Preset(
+        name="cpu",
+        widths=(32, 32, 64, 128, 256),
+        blocks=(2, 2, 2, 2),
+        stem_stride=2,
+        input_size=512,
+        output_size=384,
+        head_channels=32,
+    ),
 }
 
 

@@ -1,0 +1,157 @@
+"""The weights file: a network's parameters with everything needed to use and trust them.
+
+A weights file is a `torch.save`d dict:
+
+- `format`: "spatialdb-weights/1"
+- `preset`: the `Preset` fields; `mpp`: the resolution the network was trained at (µm/px)
+- `classes`: class names per head (nuclear types, gland types, tissue classes)
+- `untrained`: heads and classes that saw no labels in training, so callers can flag them
+- `postprocess`: the parameters post-processing needs (contour widths of the targets, px)
+- `training`: data summary, splits, steps and timings; `metrics`: held-out evaluation
+- `state_dict`: parameters stored as float16 (floating point) to keep the file small
+- `sha256`: hash of the parameter bytes, checked on load
+
+The hash identifies the weights in the database (`model.weights_sha256`). Nothing is ever
+downloaded: the default file ships inside the package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from inference.network import (
+    GLAND_TYPES,
+    NUCLEUS_TYPES,
+    TISSUE_CLASSES,
+    CerberusNet,
+    Preset,
+    build,
+)
+
+FORMAT = "spatialdb-weights/1"
+DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "cerberus-cpu.pt"
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be used."""
+
+
+@dataclass
+class WeightsInfo:
+    """Everything in a weights file except the parameters."""
+
+    preset: Preset
+    sha256: str
+    classes: dict[str, list[str]] = field(default_factory=dict)
+    untrained: dict[str, list[str]] = field(default_factory=dict)
+    postprocess: dict[str, float] = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def mpp(self) -> float:
+        return self.preset.mpp
+
+
+def parameters_hash(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(key.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _compact(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {
+        key: value.detach().cpu().half() if value.is_floating_point() else value.detach().cpu()
+        for key, value in state.items()
+    }
+
+
+def save(
+    path: str | Path,
+    net: CerberusNet,
+    *,
+    untrained: dict[str, list[str]],
+    postprocess: dict[str, float],
+    training: dict,
+    metrics: dict | None = None,
+) -> WeightsInfo:
+    """Write `net` and its metadata atomically (temporary file, then rename)."""
+    state = _compact(net.state_dict())
+    info = WeightsInfo(
+        preset=net.preset,
+        sha256=parameters_hash(state),
+        classes={
+            "Nuclei#TYPE": list(NUCLEUS_TYPES),
+            "Gland#TYPE": list(GLAND_TYPES),
+            "Patch-Class": list(TISSUE_CLASSES),
+        },
+        untrained=untrained,
+        postprocess=postprocess,
+        training=training,
+        metrics=metrics or {},
+    )
+    payload = {"format": FORMAT, **asdict(info), "state_dict": state}
+    payload["preset"] = asdict(net.preset)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(payload, partial)
+    partial.replace(path)
+    return info
+
+
+def read(path: str | Path) -> tuple[WeightsInfo, dict[str, torch.Tensor]]:
+    """Metadata and parameters of a weights file, after checking its format and hash."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise WeightsError(f"{path}: not a readable weights file ({type(exc).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise WeightsError(f"{path}: not a {FORMAT} file")
+    state = payload["state_dict"]
+    if parameters_hash(state) != payload["sha256"]:
+        raise WeightsError(f"{path}: parameters do not match the recorded hash (file damaged?)")
+    preset = payload["preset"]
+    info = WeightsInfo(
+        preset=Preset(
+            **{**preset, "widths": tuple(preset["widths"]), "blocks": tuple(preset["blocks"])}
+        ),
+        sha256=payload["sha256"],
+        classes=payload["classes"],
+        untrained=payload["untrained"],
+        postprocess=payload["postprocess"],
+        training=payload["training"],
+        metrics=payload["metrics"],
+    )
+    return info, state
+
+
+def load(path: str | Path = DEFAULT_WEIGHTS) -> tuple[CerberusNet, WeightsInfo]:
+    """The network (float32, eval mode) and its metadata."""
+    info, state = read(path)
+    net = build(info.preset)
+    net.load_state_dict(
+        {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
+    )
+    return net.eval(), info
+
+
+def update_metrics(path: str | Path, metrics: dict) -> None:
+    """Record held-out metrics in an existing weights file (parameters and hash unchanged)."""
+    path = Path(path)
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload["metrics"] = metrics
+    partial = path.with_name(path.name + ".partial")
+    torch.save(payload, partial)
+    partial.replace(path)
