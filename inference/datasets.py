@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,7 +139,7 @@ def lumen_pseudo_labels(image: np.ndarray, glands: np.ndarray, mpp: float) -> np
     radius = max(1, round(1.0 / mpp))
     light = ndimage.binary_closing((grey > 175) & (glands > 0), structure=_disk(2 * radius))
     light = ndimage.binary_opening(light & (glands > 0), structure=_disk(radius))
-    candidates, n = ndimage.label(ndimage.binary_fill_holes(light))
+    candidates, _ = ndimage.label(ndimage.binary_fill_holes(light))
     min_area = 20.0 / mpp**2
     ring_px = max(1, round(2.0 / mpp))
     out = np.zeros(glands.shape, dtype=np.int32)
@@ -284,11 +283,3 @@ def split_names(names: list[str], every: int) -> tuple[list[str], list[str]]:
     """Deterministic train/validation split: every `every`-th name (1-based) is held out."""
     held_out = [name for i, name in enumerate(names, start=1) if i % every == 0]
     return [name for name in names if name not in held_out], held_out
-
-
-def iter_crops(image: LabelledImage, size: int, stride: int) -> Iterator[tuple[int, int]]:
-    """Top-left corners of a regular grid of crops covering the image."""
-    h, w = image.image.shape[:2]
-    for top in range(0, max(h - size, 0) + 1, stride):
-        for left in range(0, max(w - size, 0) + 1, stride):
-            yield top, left

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from inference import datasets, weights
 from inference.datasets import LabelledImage
 from inference.network import NUCLEUS_TYPES, TISSUE_CLASSES, CerberusNet, build
+from inference.predict import autocast, use_bf16
 from inference.targets import inner_contour_map, unet_weight_map
 
 SEGMENTATION_TASKS = ("Gland", "Lumen", "Nuclei")
@@ -247,19 +248,6 @@ def typing_loss(logits, types, has) -> torch.Tensor | None:
 # --- the loop ---------------------------------------------------------------------------------
 
 
-def autocast(config: TrainConfig):
-    enabled = config.bf16 and (config.device.startswith("cuda") or cpu_has_amx())
-    device_type = "cuda" if config.device.startswith("cuda") else "cpu"
-    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled)
-
-
-def cpu_has_amx() -> bool:
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
 def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -288,7 +276,7 @@ def set_modes(net: CerberusNet, phase: int) -> None:
 def step_losses(net, batch, phase: int, config: TrainConfig) -> dict[str, torch.Tensor]:
     images = batch["image"].to(config.device)
     losses = {}
-    with autocast(config):
+    with autocast(config.device, enabled=config.bf16 and use_bf16(config.device)):
         if phase == 1:
             out = net(images, tasks=(*SEGMENTATION_TASKS, "Patch-Class"))
         else:

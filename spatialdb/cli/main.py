@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from spatialdb.cli import db, delete, status
+from spatialdb.cli import db, delete, model, status
 from spatialdb.errors import UserError
 
 
@@ -33,6 +33,8 @@ def cli(ctx: click.Context, db_url: str | None, verbose: bool) -> None:
 cli.add_command(db.db)
 cli.add_command(status.status)
 cli.add_command(delete.delete)
+cli.add_command(model.train)
+cli.add_command(model.evaluate)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,116 @@
+"""Whole-image prediction with a preset's tiling, and head maps to instances.
+
+Tiles are `input_size` wide and step by `output_size`; only the central `output_size` of each
+tile's output is kept, so every kept pixel saw the preset's full context margin. The image is
+padded by reflection so that its borders get the same context.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from inference import postprocess
+from inference.network import CerberusNet
+
+#: Smallest instance kept per task, µm².
+MIN_AREA_UM2 = {"Gland": 100.0, "Lumen": 10.0, "Nuclei": 3.0}
+SEGMENTATION_HEADS = {"Gland": "Gland-INST", "Lumen": "Lumen-INST", "Nuclei": "Nuclei-INST"}
+
+
+def use_bf16(device: str) -> bool:
+    """bf16 autocast where it is fast: CUDA, and CPUs with AMX."""
+    if device.startswith("cuda"):
+        return True
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return "amx_bf16" in handle.read()
+    except OSError:
+        return False
+
+
+def autocast(device: str, enabled: bool | None = None):
+    enabled = use_bf16(device) if enabled is None else enabled
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled)
+
+
+@torch.inference_mode()
+def predict_tiles(
+    net: CerberusNet, tiles: np.ndarray, tasks: tuple[str, ...], device: str = "cpu"
+) -> dict[str, np.ndarray]:
+    """Softmax probabilities of the kept centre of each tile: (N, C, out, out) per head, and
+    `Patch-Class` as (N, C). `tiles` is (N, input, input, 3) uint8."""
+    preset = net.preset
+    margin = (preset.input_size - preset.output_size) // 2
+    keep = slice(margin, margin + preset.output_size)
+    images = torch.from_numpy(np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))).float()
+    with autocast(device):
+        out = net(images.to(device), tasks=tasks)
+    result = {}
+    for name, logits in out.items():
+        probs = logits.float().softmax(dim=1)
+        if probs.ndim == 4:
+            probs = probs[..., keep, keep]
+        result[name] = probs.cpu().numpy()
+    return result
+
+
+def predict_image(
+    net: CerberusNet,
+    image: np.ndarray,
+    tasks: tuple[str, ...],
+    device: str = "cpu",
+    batch: int = 4,
+) -> dict[str, np.ndarray]:
+    """Head probabilities over a whole (H, W, 3) uint8 image at the network's resolution:
+    (C, H, W) per segmentation head, and `Patch-Class` as (C, rows, cols) per kept tile."""
+    preset = net.preset
+    size, out = preset.input_size, preset.output_size
+    margin = (size - out) // 2
+    h, w = image.shape[:2]
+    rows, cols = -(-h // out), -(-w // out)
+    padded = np.pad(
+        image,
+        ((margin, rows * out - h + margin), (margin, cols * out - w + margin), (0, 0)),
+        mode="reflect",
+    )
+    corners = [(r * out, c * out) for r in range(rows) for c in range(cols)]
+    maps: dict[str, np.ndarray] = {}
+    for start in range(0, len(corners), batch):
+        chunk = corners[start : start + batch]
+        tiles = np.stack([padded[y : y + size, x : x + size] for y, x in chunk])
+        for name, probs in predict_tiles(net, tiles, tasks, device).items():
+            if probs.ndim == 2:
+                grid = maps.setdefault(name, np.zeros((probs.shape[1], rows, cols), np.float32))
+                for (y, x), p in zip(chunk, probs, strict=True):
+                    grid[:, y // out, x // out] = p
+                continue
+            canvas = maps.setdefault(
+                name, np.zeros((probs.shape[1], rows * out, cols * out), np.float32)
+            )
+            for (y, x), p in zip(chunk, probs, strict=True):
+                canvas[:, y : y + out, x : x + out] = p
+    return {name: grid if name == "Patch-Class" else grid[:, :h, :w] for name, grid in maps.items()}
+
+
+def instances(
+    maps: dict[str, np.ndarray], contour_px: dict[str, int], mpp: float
+) -> dict[str, np.ndarray]:
+    """Instance label maps per task from head probabilities, as in Cerberus: watershed for
+    nuclei; threshold, dilate and fill for glands and lumina; lumina outside glands dropped."""
+    min_px = {task: max(1, round(area / mpp**2)) for task, area in MIN_AREA_UM2.items()}
+    out = {}
+    if "Nuclei-INST" in maps:
+        out["Nuclei"] = postprocess.nuclei_instances(
+            maps["Nuclei-INST"], min_area_px=min_px["Nuclei"]
+        )
+    for task in ("Gland", "Lumen"):
+        head = SEGMENTATION_HEADS[task]
+        if head in maps:
+            out[task] = postprocess.region_instances(
+                maps[head], contour_px=int(contour_px[task]), min_area_px=min_px[task]
+            )
+    if "Lumen" in out and "Gland" in out:
+        out["Lumen"] = postprocess.lumina_inside_glands(out["Lumen"], out["Gland"])
+    return out

@@ -1,0 +1,110 @@
+"""`spatialdb train` and `spatialdb evaluate`: the model's commands (torch imported lazily)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from spatialdb.errors import UserError
+
+
+@click.command()
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="TOML training configuration (see configs/cpu.toml).",
+)
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
+@click.option("--data", help="Dataset directory (overrides the config).")
+@click.option("--out", help="Output directory (overrides the config).")
+@click.option("--device", help="cpu or cuda (overrides the config).")
+@click.option("--steps", type=int, help="Segmentation steps (overrides the config).")
+@click.option("--typing-steps", type=int, help="Nuclear-typing steps (overrides the config).")
+def train(config_path, resume, data, out, device, steps, typing_steps) -> None:
+    """Train the multi-task network; writes OUT/weights.pt."""
+    from inference.datasets import DatasetError
+    from inference.train import TrainConfig
+    from inference.train import train as run_training
+
+    try:
+        config = TrainConfig.from_toml(
+            config_path, data=data, out=out, device=device, steps=steps, typing_steps=typing_steps
+        )
+        run_training(config, resume=resume, log=lambda line: click.echo(line))
+    except (OSError, ValueError, DatasetError) as exc:
+        raise UserError(str(exc).splitlines()[0]) from None
+
+
+@click.command()
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option(
+    "--weights",
+    "weights_path",
+    type=click.Path(dir_okay=False),
+    help="Weights file (default: the shipped CPU weights).",
+)
+@click.option(
+    "--held-out",
+    is_flag=True,
+    help="Only the images the weights' training held out of this dataset.",
+)
+@click.option("--mpp", type=float, help="µm/px of the images (default: the dataset's own).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False),
+    help="Also write the per-image figures and summary as JSON.",
+)
+@click.option("--record", is_flag=True, help="Store the summary in the weights file's metrics.")
+def evaluate(folder, weights_path, held_out, mpp, device, json_path, record) -> None:
+    """Score the model on FOLDER (GlaS or MoNuSeg layout): gland object F1/Dice/Hausdorff,
+    or nuclei Dice/AJI/PQ/F1."""
+    from inference import weights as weights_file
+    from inference.datasets import DatasetError
+    from inference.evaluate import BAR
+    from inference.evaluate import evaluate as run_evaluation
+
+    path = Path(weights_path) if weights_path else weights_file.DEFAULT_WEIGHTS
+    try:
+        net, info = weights_file.load(path)
+        report = run_evaluation(
+            folder,
+            net.to(device),
+            info,
+            held_out_only=held_out,
+            mpp=mpp,
+            device=device,
+            progress=lambda name: click.echo(f"  {name}", err=True),
+        )
+    except (weights_file.WeightsError, DatasetError, OSError) as exc:
+        raise UserError(str(exc).splitlines()[0]) from None
+    layout, summary = report["layout"], report["summary"]
+    columns = [key for key in report["images"][0] if key != "name"]
+    click.echo("image".ljust(28) + "".join(key.rjust(17) for key in columns))
+    for row in report["images"]:
+        click.echo(row["name"][:27].ljust(28) + "".join(_cell(row[key]) for key in columns))
+    click.echo(f"{layout} summary over {summary['images']} images:")
+    for key, value in summary.items():
+        if key == "images":
+            continue
+        bar = BAR[layout].get(key)
+        verdict = (
+            "" if bar is None else f"  (bar {bar:.2f}: {'met' if value >= bar else 'NOT met'})"
+        )
+        click.echo(f"  {key:18s} {value:.4f}{verdict}")
+    if json_path:
+        Path(json_path).write_text(json.dumps({"weights": str(path), **report}, indent=2))
+    if record:
+        metrics = dict(info.metrics)
+        metrics[layout] = {"folder": str(folder), "held_out_only": held_out, **summary}
+        weights_file.update_metrics(path, metrics)
+        click.echo(f"recorded in {path}")
+
+
+def _cell(value) -> str:
+    return f"{value:17.4f}" if isinstance(value, float) else f"{value:17d}"
