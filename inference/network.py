@@ -257,15 +257,3 @@ def build(preset: str | Preset) -> CerberusNet:
             raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
         preset = PRESETS[preset]
     return CerberusNet(preset)
-
-
-def load_published_checkpoint(path: str) -> CerberusNet:
-    """The `cerberus` preset with weights from the published checkpoint (`weights.tar`: a dict
-    whose 'desc' holds the state dict, possibly with DataParallel's 'module.' prefix)."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    state = saved.get("desc", saved)
-    if all(key.startswith("module.") for key in state):
-        state = {key[len("module.") :]: value for key, value in state.items()}
-    net = build("cerberus")
-    net.load_state_dict(state, strict=True)
-    return net

@@ -13,8 +13,14 @@ import torch
 from inference import postprocess
 from inference.network import CerberusNet
 
-#: Smallest instance kept per task, µm².
-MIN_AREA_UM2 = {"Gland": 100.0, "Lumen": 10.0, "Nuclei": 3.0}
+#: Post-processing settings a weights file may override (its `postprocess`): thresholds on the
+#: inner-class probability, on the nuclear foreground, and the smallest instance kept (µm²).
+#: The gland values were chosen on GlaS training images (not the held-out ones).
+POSTPROCESS = {
+    "inner_threshold": {"Gland": 0.4, "Lumen": 0.5, "Nuclei": 0.5},
+    "foreground_threshold": 0.5,
+    "min_area_um2": {"Gland": 600.0, "Lumen": 10.0, "Nuclei": 3.0},
+}
 SEGMENTATION_HEADS = {"Gland": "Gland-INST", "Lumen": "Lumen-INST", "Nuclei": "Nuclei-INST"}
 
 
@@ -94,22 +100,29 @@ def predict_image(
     return {name: grid if name == "Patch-Class" else grid[:, :h, :w] for name, grid in maps.items()}
 
 
-def instances(
-    maps: dict[str, np.ndarray], contour_px: dict[str, int], mpp: float
-) -> dict[str, np.ndarray]:
+def instances(maps: dict[str, np.ndarray], settings: dict, mpp: float) -> dict[str, np.ndarray]:
     """Instance label maps per task from head probabilities, as in Cerberus: watershed for
-    nuclei; threshold, dilate and fill for glands and lumina; lumina outside glands dropped."""
-    min_px = {task: max(1, round(area / mpp**2)) for task, area in MIN_AREA_UM2.items()}
+    nuclei; threshold, dilate and fill for glands and lumina; lumina outside glands dropped.
+    `settings` is a weights file's `postprocess` (contour widths, and overrides of POSTPROCESS)."""
+    settings = {**POSTPROCESS, **settings}
+    threshold = settings["inner_threshold"]
+    min_px = {task: max(1, round(a / mpp**2)) for task, a in settings["min_area_um2"].items()}
     out = {}
     if "Nuclei-INST" in maps:
         out["Nuclei"] = postprocess.nuclei_instances(
-            maps["Nuclei-INST"], min_area_px=min_px["Nuclei"]
+            maps["Nuclei-INST"],
+            inner_threshold=threshold["Nuclei"],
+            foreground_threshold=settings["foreground_threshold"],
+            min_area_px=min_px["Nuclei"],
         )
     for task in ("Gland", "Lumen"):
         head = SEGMENTATION_HEADS[task]
         if head in maps:
             out[task] = postprocess.region_instances(
-                maps[head], contour_px=int(contour_px[task]), min_area_px=min_px[task]
+                maps[head],
+                contour_px=int(settings["contour_px"][task]),
+                inner_threshold=threshold[task],
+                min_area_px=min_px[task],
             )
     if "Lumen" in out and "Gland" in out:
         out["Lumen"] = postprocess.lumina_inside_glands(out["Lumen"], out["Gland"])

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from inference import datasets, weights
 from inference.datasets import LabelledImage
 from inference.network import NUCLEUS_TYPES, TISSUE_CLASSES, CerberusNet, build
-from inference.predict import autocast, use_bf16
+from inference.predict import POSTPROCESS, autocast, use_bf16
 from inference.targets import inner_contour_map, unet_weight_map
 
 SEGMENTATION_TASKS = ("Gland", "Lumen", "Nuclei")
@@ -55,6 +55,7 @@ class TrainConfig:
     typing_lr: float = 5e-4
     weight_decay: float = 1e-4
     warmup: int = 100
+    init: str | None = None  # start from these weights (a second schedule) instead of scratch
     mix: dict[str, float] = field(default_factory=lambda: {"glas": 0.55, "monuseg": 0.45})
     patch_loss_weight: float = 0.5
     glas_val_every: int = 5  # every 5th GlaS image (train_5, train_10, ...) is held out
@@ -314,6 +315,12 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> Path:
     )
     state = {"phase": 1, "step": 0, "history": [], "seconds": 0.0}
     optimizer = None
+    if config.init:
+        _, init_state = weights.read(config.init)
+        net.load_state_dict(
+            {k: v.float() if v.is_floating_point() else v for k, v in init_state.items()}
+        )
+        log(f"initialised from {config.init}")
     if resume and checkpoint_path.exists():
         saved = torch.load(checkpoint_path, map_location=config.device, weights_only=False)
         net.load_state_dict(saved["net"])
@@ -380,8 +387,9 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> Path:
         "code": _git_revision(),
     }
     path = out / "weights.pt"
+    postprocess = {**POSTPROCESS, "contour_px": contour_px}
     weights.save(
-        path, net, untrained=untrained_classes(), postprocess=contour_px, training=training
+        path, net, untrained=untrained_classes(), postprocess=postprocess, training=training
     )
     log(f"weights written to {path}")
     return path

@@ -26,6 +26,7 @@ import torch
 from inference.network import (
     GLAND_TYPES,
     NUCLEUS_TYPES,
+    PRESETS,
     TISSUE_CLASSES,
     CerberusNet,
     Preset,
@@ -34,6 +35,8 @@ from inference.network import (
 
 FORMAT = "spatialdb-weights/1"
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "cerberus-cpu.pt"
+#: Contour widths (px at 0.5 µm/px) assumed for the published checkpoint's targets.
+PUBLISHED_CONTOUR_PX = {"Gland": 6, "Lumen": 4, "Nuclei": 2}
 
 
 class WeightsError(ValueError):
@@ -88,11 +91,7 @@ def save(
     info = WeightsInfo(
         preset=net.preset,
         sha256=parameters_hash(state),
-        classes={
-            "Nuclei#TYPE": list(NUCLEUS_TYPES),
-            "Gland#TYPE": list(GLAND_TYPES),
-            "Patch-Class": list(TISSUE_CLASSES),
-        },
+        classes=_class_names(),
         untrained=untrained,
         postprocess=postprocess,
         training=training,
@@ -117,8 +116,10 @@ def read(path: str | Path) -> tuple[WeightsInfo, dict[str, torch.Tensor]]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
         raise WeightsError(f"{path}: not a readable weights file ({type(exc).__name__})") from None
+    if isinstance(payload, dict) and "desc" in payload and "format" not in payload:
+        return _published(payload["desc"])
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise WeightsError(f"{path}: not a {FORMAT} file")
+        raise WeightsError(f"{path}: neither a {FORMAT} file nor a published Cerberus checkpoint")
     state = payload["state_dict"]
     if parameters_hash(state) != payload["sha256"]:
         raise WeightsError(f"{path}: parameters do not match the recorded hash (file damaged?)")
@@ -137,6 +138,29 @@ def read(path: str | Path) -> tuple[WeightsInfo, dict[str, torch.Tensor]]:
     return info, state
 
 
+def _published(state: dict) -> tuple[WeightsInfo, dict[str, torch.Tensor]]:
+    """A published Cerberus `weights.tar` ('desc' state dict, maybe with DataParallel's
+    'module.' prefix) as the `cerberus` preset with default post-processing."""
+    if all(key.startswith("module.") for key in state):
+        state = {key[len("module.") :]: value for key, value in state.items()}
+    info = WeightsInfo(
+        preset=PRESETS["cerberus"],
+        sha256=parameters_hash(state),
+        classes=_class_names(),
+        postprocess={"contour_px": PUBLISHED_CONTOUR_PX},
+        training={"source": "published Cerberus checkpoint (Graham et al. 2023)"},
+    )
+    return info, state
+
+
+def _class_names() -> dict[str, list[str]]:
+    return {
+        "Nuclei#TYPE": list(NUCLEUS_TYPES),
+        "Gland#TYPE": list(GLAND_TYPES),
+        "Patch-Class": list(TISSUE_CLASSES),
+    }
+
+
 def load(path: str | Path = DEFAULT_WEIGHTS) -> tuple[CerberusNet, WeightsInfo]:
     """The network (float32, eval mode) and its metadata."""
     info, state = read(path)
@@ -147,11 +171,15 @@ def load(path: str | Path = DEFAULT_WEIGHTS) -> tuple[CerberusNet, WeightsInfo]:
     return net.eval(), info
 
 
-def update_metrics(path: str | Path, metrics: dict) -> None:
-    """Record held-out metrics in an existing weights file (parameters and hash unchanged)."""
+def update(path: str | Path, **fields) -> None:
+    """Rewrite metadata fields (`metrics`, `postprocess`, `training`) of an existing weights file;
+    the parameters and their hash stay as they are."""
+    allowed = {"metrics", "postprocess", "training"}
+    if set(fields) - allowed:
+        raise ValueError(f"only {sorted(allowed)} can be updated")
     path = Path(path)
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    payload["metrics"] = metrics
+    payload.update(fields)
     partial = path.with_name(path.name + ".partial")
     torch.save(payload, partial)
     partial.replace(path)

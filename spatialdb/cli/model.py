@@ -102,7 +102,7 @@ def evaluate(folder, weights_path, held_out, mpp, device, json_path, record) -> 
     if record:
         metrics = dict(info.metrics)
         metrics[layout] = {"folder": str(folder), "held_out_only": held_out, **summary}
-        weights_file.update_metrics(path, metrics)
+        weights_file.update(path, metrics=metrics)
         click.echo(f"recorded in {path}")
 
 

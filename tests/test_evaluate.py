@@ -1,0 +1,84 @@
+"""Whole-image prediction and `spatialdb evaluate` with the shipped weights."""
+
+import json
+
+import numpy as np
+import pytest
+
+from inference import weights
+from inference.network import build
+from inference.predict import instances, predict_image
+from spatialdb.cli.main import main
+from tests.conftest import SHARED_DATA
+from tests.fixture_datasets import gland_image, write_glas, write_monuseg
+
+
+def test_tiled_prediction_covers_the_image_with_probabilities():
+    net = build("cpu").eval()
+    image, _ = gland_image(size=300)
+    image = np.concatenate([image, image[:, :150]], axis=1)  # 300 x 450: not a tile multiple
+    maps = predict_image(net, image, ("Gland", "Nuclei", "Patch-Class"))
+    assert maps["Gland-INST"].shape == (3, 300, 450)
+    assert maps["Nuclei-INST"].shape == (3, 300, 450)
+    np.testing.assert_allclose(maps["Gland-INST"].sum(axis=0), 1.0, atol=1e-3)
+    assert maps["Patch-Class"].shape == (9, 1, 2)  # one class vector per 384 px kept tile
+
+
+def test_shipped_weights_find_the_glands_of_a_synthetic_image():
+    net, info = weights.load()
+    image, mask = gland_image(size=372)
+    found = instances(predict_image(net, image, ("Gland", "Lumen")), info.postprocess, info.mpp)
+    assert found["Gland"].shape == mask.shape
+    assert found["Gland"].max() >= 1
+    assert (found["Lumen"] > 0).sum() < (found["Gland"] > 0).sum()
+
+
+def test_evaluate_command_scores_a_glas_folder(tmp_path, capsys):
+    write_glas(tmp_path / "glas", count=2)
+    out = tmp_path / "report.json"
+    assert main(["evaluate", str(tmp_path / "glas"), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "glas summary over 2 images" in printed and "object_f1" in printed
+    report = json.loads(out.read_text())
+    assert report["layout"] == "glas" and len(report["images"]) == 2
+    assert 0.0 <= report["summary"]["object_dice"] <= 1.0
+
+
+def test_evaluate_command_scores_a_monuseg_folder(tmp_path, capsys):
+    write_monuseg(tmp_path / "monuseg", names=("tile",))
+    assert main(["evaluate", str(tmp_path / "monuseg")]) == 0
+    printed = capsys.readouterr().out
+    assert "monuseg summary over 1 images" in printed and "aji" in printed
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda p: p.mkdir(), "neither a GlaS folder"),
+        (
+            lambda p: write_glas(p, count=1) and (p.parent / "w.pt").write_text("x"),
+            "not a readable weights file",
+        ),
+    ],
+)
+def test_evaluate_errors_are_one_line(tmp_path, capsys, setup, message):
+    folder = tmp_path / "data"
+    setup(folder)
+    args = ["evaluate", str(folder)]
+    if (tmp_path / "w.pt").exists():
+        args += ["--weights", str(tmp_path / "w.pt")]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+@pytest.mark.dataset
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present")
+def test_shipped_weights_on_the_held_out_monuseg_tile():
+    from inference.evaluate import evaluate
+
+    net, info = weights.load()
+    report = evaluate(SHARED_DATA / "monuseg", net, info, held_out_only=True)
+    assert [row["name"] for row in report["images"]] == ["TCGA-A7-A13E-01Z-00-DX1"]
+    assert report["summary"]["aji"] >= 0.50
+    assert report["summary"]["dice"] >= 0.70

@@ -1,0 +1,75 @@
+"""The weights file: round trip, hash check, clear errors, and the shipped CPU weights."""
+
+import pytest
+import torch
+
+from inference import weights
+from inference.network import build
+from inference.train import untrained_classes
+
+
+def save_cpu(path, **extra):
+    net = build("cpu")
+    info = weights.save(
+        path,
+        net,
+        untrained=untrained_classes(),
+        postprocess={"contour_px": {"Gland": 6, "Lumen": 4, "Nuclei": 2}},
+        training={"data": {"glas": {"held_out": ["train_5"]}}},
+        **extra,
+    )
+    return net, info
+
+
+def test_round_trip_keeps_parameters_metadata_and_hash(tmp_path):
+    net, info = save_cpu(tmp_path / "w.pt", metrics={"glas": {"object_f1": 0.5}})
+    loaded, read = weights.load(tmp_path / "w.pt")
+    assert read.sha256 == info.sha256 and len(read.sha256) == 64
+    assert read.preset == net.preset and read.mpp == 0.5
+    assert read.classes["Patch-Class"][0] == "background"
+    assert "eosinophil" in read.untrained["Nuclei#TYPE"]
+    assert read.metrics == {"glas": {"object_f1": 0.5}}
+    for key, value in net.state_dict().items():  # stored as float16
+        torch.testing.assert_close(loaded.state_dict()[key], value.half().to(value.dtype))
+    assert not (tmp_path / "w.pt.partial").exists()
+
+
+def test_metadata_update_keeps_the_hash(tmp_path):
+    _, info = save_cpu(tmp_path / "w.pt")
+    weights.update(tmp_path / "w.pt", metrics={"monuseg": {"aji": 0.6}})
+    read, _ = weights.read(tmp_path / "w.pt")
+    assert read.sha256 == info.sha256 and read.metrics["monuseg"]["aji"] == 0.6
+    with pytest.raises(ValueError):
+        weights.update(tmp_path / "w.pt", state_dict={})
+
+
+def test_tampered_parameters_are_refused(tmp_path):
+    save_cpu(tmp_path / "w.pt")
+    payload = torch.load(tmp_path / "w.pt", weights_only=True)
+    key = next(k for k, v in payload["state_dict"].items() if v.is_floating_point())
+    payload["state_dict"][key] += 1
+    torch.save(payload, tmp_path / "w.pt")
+    with pytest.raises(weights.WeightsError, match="do not match the recorded hash"):
+        weights.load(tmp_path / "w.pt")
+
+
+def test_missing_or_foreign_files_are_clear_errors(tmp_path):
+    with pytest.raises(weights.WeightsError, match="not found"):
+        weights.load(tmp_path / "absent.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(weights.WeightsError, match="not a readable weights file"):
+        weights.load(tmp_path / "junk.pt")
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(weights.WeightsError, match="neither"):
+        weights.load(tmp_path / "other.pt")
+
+
+def test_shipped_weights_are_the_cpu_preset_with_their_provenance():
+    info, _state = weights.read(weights.DEFAULT_WEIGHTS)
+    assert info.preset.name == "cpu" and info.mpp == 0.5
+    assert weights.DEFAULT_WEIGHTS.stat().st_size < 12 * 2**20
+    assert info.training["data"]["monuseg"]["held_out"] == ["TCGA-A7-A13E-01Z-00-DX1"]
+    assert "train_5" in info.training["data"]["glas"]["held_out"]
+    assert info.untrained["Gland#TYPE"] == ["gland", "surface-epi"]
+    assert {"glas", "monuseg"} <= set(info.metrics)
+    assert set(info.postprocess["contour_px"]) == {"Gland", "Lumen", "Nuclei"}
