@@ -1,0 +1,191 @@
+"""The network inside tiatoolbox, and whole-slide segmentation streamed region by region.
+
+tiatoolbox's segmentors stitch every head into a full-slide canvas (in RAM, or on disk above a
+memory threshold) and cannot carry the patch-classification vector. `segment_slide` therefore
+drives tiatoolbox's own patch dataset (`WSIPatchDataset`, reading at the model's resolution) and
+the model's `infer_batch` itself, in the order `inference.tiling` needs the tiles, hands each
+finished region to a pool of post-processing processes and yields its polygons while the next
+tiles are inferred. Memory stays bounded by the tiles still needed, not the slide.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import torch
+from tiatoolbox.models import WSIPatchDataset
+from tiatoolbox.models.models_abc import ModelABC
+
+from inference import tiling
+from inference.network import CerberusNet
+from inference.predict import POSTPROCESS, autocast
+from inference.slide import TissueMask
+from inference.weights import WeightsInfo
+
+#: Heads returned by `infer_batch`, in order (each NHWC, centre-cropped to the kept output).
+SPATIAL_HEADS = ("Gland-INST", "Lumen-INST", "Nuclei-INST", "Nuclei-TYPE")
+TASKS = ("Gland", "Lumen", "Nuclei", "Nuclei#TYPE", "Patch-Class")
+
+
+class CerberusModel(ModelABC):
+    """A `CerberusNet` as a tiatoolbox model. `infer_batch` returns softmax probabilities: one
+    NHWC float16 array per spatial head (`SPATIAL_HEADS`), then the (N, 9) tissue-class vector."""
+
+    def __init__(self, net: CerberusNet, info: WeightsInfo):
+        super().__init__()
+        self.net = net
+        self.info = info
+        self.class_dict = dict(enumerate(info.classes["Patch-Class"]))
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.net(images, tasks=TASKS)
+
+    @staticmethod
+    def infer_batch(model, batch_data, *, device: str) -> tuple[np.ndarray, ...]:
+        model = getattr(model, "module", model)
+        images = torch.as_tensor(batch_data).to(device, torch.float32).permute(0, 3, 1, 2)
+        preset = model.net.preset
+        margin = (preset.input_size - preset.output_size) // 2
+        keep = slice(margin, margin + preset.output_size)
+        with torch.inference_mode(), autocast(device):
+            out = model(images)
+        heads = [
+            out[name][..., keep, keep].float().softmax(dim=1).permute(0, 2, 3, 1)
+            for name in SPATIAL_HEADS
+        ]
+        patch = out["Patch-Class"].float().softmax(dim=1)
+        return (*(h.half().cpu().numpy() for h in heads), patch.cpu().numpy())
+
+
+def segment_slide(
+    reader,
+    model: CerberusModel,
+    tissue: TissueMask,
+    *,
+    device: str = "cpu",
+    batch_size: int = 8,
+    workers: int | None = None,
+    timings: dict | None = None,
+    progress=None,
+) -> Iterator[tiling.Objects]:
+    """Nuclei, glands, lumina (per region, as they are finished) and then tissue regions of a
+    slide, as polygons in level-0 pixels. `workers` post-processing processes (default: one per
+    core; 0 = in this process). `timings` receives seconds per phase (`read`, `infer`, `wait`
+    for post-processing, and `postprocess`, summed over workers); `progress(done, total)` is
+    called after each batch of tiles."""
+    timings = timings if timings is not None else {}
+    for phase in ("read", "infer", "postprocess", "wait"):
+        timings.setdefault(phase, 0.0)
+    info, preset = model.info, model.info.preset
+    mpp = np.asarray(reader.info.mpp, dtype=float)
+    w, h = reader.slide_dimensions(resolution=preset.mpp, units="mpp")
+    grid = tiling.Grid.over(
+        (int(h), int(w)),
+        (preset.mpp / mpp[0], preset.mpp / mpp[1]),
+        preset.output_size,
+        (preset.input_size - preset.output_size) // 2,
+        tissue.mask,
+    )
+    plan = tiling.regions(grid)
+    sched = tiling.schedule(grid, plan)
+    fields = {
+        "settings": {**POSTPROCESS, **info.postprocess},
+        "mpp": preset.mpp,
+        "nucleus_types": list(info.classes["Nuclei#TYPE"]),
+    }
+    tiles, tile_classes = {}, {}
+    if sched.order:
+        dataset = WSIPatchDataset(
+            input_img=reader,
+            patch_input_shape=(preset.input_size, preset.input_size),
+            patch_output_shape=(preset.output_size, preset.output_size),
+            stride_shape=(preset.output_size, preset.output_size),
+            resolution=preset.mpp,
+            units="mpp",
+            auto_get_mask=False,
+        )
+        index = {
+            (int(y0) // grid.tile, int(x0) // grid.tile): i
+            for i, (x0, y0, _, _) in enumerate(dataset.outputs)
+        }
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, sampler=[index[rc] for rc in sched.order]
+        )
+        workers = (os.cpu_count() or 1) if workers is None else workers
+        pool = ProcessPoolExecutor(workers) if workers > 0 else None
+        pending: deque = deque()
+        next_region, done = 0, 0
+        try:
+            batches = iter(loader)
+            while True:
+                started = time.perf_counter()
+                batch = next(batches, None)
+                timings["read"] += time.perf_counter() - started
+                if batch is None:
+                    break
+                started = time.perf_counter()
+                *heads, classes = CerberusModel.infer_batch(model, batch["image"], device=device)
+                timings["infer"] += time.perf_counter() - started
+                for i, (x0, y0, _, _) in enumerate(batch["output_locs"].numpy()):
+                    rc = (int(y0) // grid.tile, int(x0) // grid.tile)
+                    maps = {
+                        name: head[i].transpose(2, 0, 1)
+                        for name, head in zip(SPATIAL_HEADS, heads, strict=True)
+                    }
+                    tiles[rc] = tiling.reduce_tile(maps)
+                    tile_classes[rc] = classes[i]
+                done += len(classes)
+                if progress:
+                    progress(done, len(sched.order))
+                while next_region < len(plan) and sched.ready_after[next_region] <= done:
+                    region = plan[next_region]
+                    job = tiling.region_job(grid, region, tiles, **fields)
+                    for rc in [rc for rc, last in sched.last_use.items() if last == region.index]:
+                        tiles.pop(rc, None)
+                    pending.append(_submit(pool, job))
+                    next_region += 1
+                while pending and (len(pending) > 2 * max(workers, 1) or pending[0].done()):
+                    yield from _collect(pending.popleft(), timings)
+            while pending:
+                yield from _collect(pending.popleft(), timings)
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+    yield tiling.tissue_regions(grid, tile_classes, tissue.mask, list(info.classes["Patch-Class"]))
+
+
+def _timed_region(job: tiling.RegionJob):
+    started = time.process_time()
+    objects, counts = tiling.process_region(job)
+    return objects, counts, time.process_time() - started
+
+
+class _Done:
+    """A finished computation with a `Future`'s `done`/`result`, for in-process work."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def done(self) -> bool:
+        return True
+
+    def result(self):
+        return self.value
+
+
+def _submit(pool, job):
+    return pool.submit(_timed_region, job) if pool else _Done(_timed_region(job))
+
+
+def _collect(future, timings: dict) -> Iterator[tiling.Objects]:
+    started = time.perf_counter()
+    objects, counts, seconds = future.result()
+    timings["wait"] += time.perf_counter() - started
+    timings["postprocess"] += seconds
+    timings["truncated"] = timings.get("truncated", 0) + counts["truncated"]
+    yield from objects

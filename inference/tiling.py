@@ -1,0 +1,355 @@
+"""Whole-slide post-processing in bounded memory, without seams.
+
+The network's kept outputs tile the slide on a grid (`Grid`, at the model's resolution). The grid
+is cut into square *regions* of `REGION_TILES`² tiles. Each region is post-processed on a window
+that adds `GLAND_MARGIN_TILES` tiles of neighbouring output on every side (`NUCLEI_MARGIN_PX` for
+nuclei), and keeps only the objects whose centroid lies in its own core. Cores partition the
+slide, so every object comes out exactly once, and whole as long as it reaches no further than
+the margin beyond its core (192 µm for glands with the default grid; larger glands that touch the
+window edge are counted as `truncated`).
+
+Regions are visited row by row and tiles are inferred in the order the regions need them, so
+only the tiles still needed by a later region (about 2 × margin rows of tiles) are held, as
+5 uint8 channels per pixel (`CHANNELS`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+from scipy import ndimage
+from shapely.geometry import MultiPolygon, Polygon
+
+from inference.postprocess import majority_types
+from inference.predict import instances
+
+#: Per-pixel channels kept of each tile output, as uint8 (probabilities × 255, or a type index).
+CHANNELS = ("gland_inner", "lumen_inner", "nuclei_inner", "nuclei_contour", "nuclei_type")
+REGION_TILES = 4
+GLAND_MARGIN_TILES = 2
+NUCLEI_MARGIN_PX = 64
+
+
+@dataclass
+class Objects:
+    """Objects of one kind (`Nuclei`, `Gland`, `Lumen` or `Tissue`) as shapely polygons in
+    level-0 pixels, with a class name and a probability each."""
+
+    task: str
+    geoms: list
+    classes: list[str]
+    probability: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.geoms)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Kept-output tiles over a slide at the model's resolution. `shape` is the slide's (h, w)
+    there, `scale` the level-0 pixels per model pixel (x, y), `mask` the slide's tissue mask
+    (any resolution) and `tissue` the (rows, cols) tiles whose input patch touches tissue."""
+
+    tile: int
+    context: int
+    shape: tuple[int, int]
+    scale: tuple[float, float]
+    mask: np.ndarray = field(repr=False)
+    tissue: np.ndarray = field(repr=False)
+
+    @property
+    def rows(self) -> int:
+        return self.tissue.shape[0]
+
+    @property
+    def cols(self) -> int:
+        return self.tissue.shape[1]
+
+    @classmethod
+    def over(cls, shape, scale, tile: int, context: int, mask: np.ndarray) -> Grid:
+        """The grid over a slide of (h, w) `shape` whose tissue `mask` covers the whole slide
+        at a lower resolution."""
+        h, w = shape
+        rows, cols = -(-h // tile), -(-w // tile)
+        integral = cv2.integral(mask.astype(np.uint8))
+        fy, fx = mask.shape[0] / h, mask.shape[1] / w
+
+        def bounds(start, size, factor, limit):
+            low = np.clip(np.floor((start - context) * factor), 0, limit).astype(int)
+            high = np.clip(np.ceil((start + size + context) * factor), 0, limit).astype(int)
+            return low, high
+
+        y0, y1 = bounds(np.arange(rows) * tile, tile, fy, mask.shape[0])
+        x0, x1 = bounds(np.arange(cols) * tile, tile, fx, mask.shape[1])
+        sums = integral[y1][:, x1] - integral[y0][:, x1] - integral[y1][:, x0] + integral[y0][:, x0]
+        return cls(tile, context, (h, w), (float(scale[0]), float(scale[1])), mask, sums > 0)
+
+
+@dataclass(frozen=True)
+class Region:
+    """A square of `REGION_TILES`² tiles (its core) and the tiles of its window."""
+
+    index: int
+    core: tuple[int, int, int, int]  # tile rows/cols [r0, r1) × [c0, c1)
+    window: tuple[int, int, int, int]
+
+
+def regions(grid: Grid, size: int = REGION_TILES, margin: int = GLAND_MARGIN_TILES):
+    """Regions with tissue in their core, row by row."""
+    out = []
+    for r0 in range(0, grid.rows, size):
+        for c0 in range(0, grid.cols, size):
+            r1, c1 = min(r0 + size, grid.rows), min(c0 + size, grid.cols)
+            if grid.tissue[r0:r1, c0:c1].any():
+                window = (
+                    max(0, r0 - margin),
+                    min(grid.rows, r1 + margin),
+                    max(0, c0 - margin),
+                    min(grid.cols, c1 + margin),
+                )
+                out.append(Region(len(out), (r0, r1, c0, c1), window))
+    return out
+
+
+@dataclass
+class Schedule:
+    """Tissue tiles in inference order (each once, as the regions need them); per region, how
+    many tiles of `order` must be done before it can run; per tile, the last region using it."""
+
+    order: list[tuple[int, int]]
+    ready_after: list[int]
+    last_use: dict[tuple[int, int], int]
+
+
+def schedule(grid: Grid, plan: list[Region]) -> Schedule:
+    """Tiles in the order the regions of `plan`, in turn, need them."""
+    order, ready_after, last_use = [], [], {}
+    for region in plan:
+        r0, r1, c0, c1 = region.window
+        for r in range(r0, r1):
+            for c in range(c0, c1):
+                if grid.tissue[r, c]:
+                    if (r, c) not in last_use:
+                        order.append((r, c))
+                    last_use[(r, c)] = region.index
+        ready_after.append(len(order))
+    return Schedule(order, ready_after, last_use)
+
+
+def reduce_tile(heads: dict[str, np.ndarray]) -> np.ndarray:
+    """The `CHANNELS` of one tile from its head probabilities (C, h, w) as (5, h, w) uint8."""
+
+    def u8(p):
+        return np.clip(np.rint(p.astype(np.float32) * 255), 0, 255).astype(np.uint8)
+
+    return np.stack(
+        [
+            u8(heads["Gland-INST"][1]),
+            u8(heads["Lumen-INST"][1]),
+            u8(heads["Nuclei-INST"][1]),
+            u8(heads["Nuclei-INST"][2]),
+            heads["Nuclei-TYPE"].argmax(axis=0).astype(np.uint8),
+        ]
+    )
+
+
+def assemble(grid: Grid, region: Region, tiles: dict) -> tuple[np.ndarray, tuple[int, int]]:
+    """The region's window as one (5, H, W) array, cropped to the slide, and its top-left (y, x)
+    in model pixels. Outside the tissue mask it is zero: no objects on glass, and none cut off
+    by the edge of the inferred tiles."""
+    r0, r1, c0, c1 = region.window
+    t = grid.tile
+    y0, x0 = r0 * t, c0 * t
+    h, w = min(r1 * t, grid.shape[0]) - y0, min(c1 * t, grid.shape[1]) - x0
+    window = np.zeros((len(CHANNELS), (r1 - r0) * t, (c1 - c0) * t), np.uint8)
+    for r in range(r0, r1):
+        for c in range(c0, c1):
+            if (r, c) in tiles:
+                window[:, (r - r0) * t : (r - r0 + 1) * t, (c - c0) * t : (c - c0 + 1) * t] = tiles[
+                    (r, c)
+                ]
+    fy, fx = grid.mask.shape[0] / grid.shape[0], grid.mask.shape[1] / grid.shape[1]
+    ys = np.minimum(((np.arange(y0, y0 + h) + 0.5) * fy).astype(int), grid.mask.shape[0] - 1)
+    xs = np.minimum(((np.arange(x0, x0 + w) + 0.5) * fx).astype(int), grid.mask.shape[1] - 1)
+    window = window[:, :h, :w]
+    window[:4] *= grid.mask[np.ix_(ys, xs)]
+    return window, (y0, x0)
+
+
+@dataclass
+class RegionJob:
+    """Everything a worker process needs to post-process one region's window."""
+
+    window: np.ndarray
+    origin: tuple[int, int]
+    core: tuple[int, int, int, int]  # model pixels y0, y1, x0, x1
+    slide_shape: tuple[int, int]
+    scale: tuple[float, float]
+    settings: dict
+    mpp: float
+    nucleus_types: list[str]
+
+
+def region_job(grid: Grid, region: Region, tiles: dict, **fields) -> RegionJob:
+    window, origin = assemble(grid, region, tiles)
+    r0, r1, c0, c1 = region.core
+    t = grid.tile
+    core = (r0 * t, min(r1 * t, grid.shape[0]), c0 * t, min(c1 * t, grid.shape[1]))
+    return RegionJob(window, origin, core, grid.shape, grid.scale, **fields)
+
+
+def process_region(job: RegionJob) -> tuple[list[Objects], dict]:
+    """Instances of one region as polygons, and counts (`truncated` glands)."""
+    oy, ox = job.origin
+    y0, y1, x0, x1 = job.core
+    gland, lumen = (job.window[k].astype(np.float32) / 255 for k in (0, 1))
+
+    # Nuclei on the core plus a small margin; glands and lumina on the whole window.
+    ny0, nx0 = max(y0 - NUCLEI_MARGIN_PX, oy), max(x0 - NUCLEI_MARGIN_PX, ox)
+    ny1 = min(y1 + NUCLEI_MARGIN_PX, oy + job.window.shape[1])
+    nx1 = min(x1 + NUCLEI_MARGIN_PX, ox + job.window.shape[2])
+    crop = np.s_[ny0 - oy : ny1 - oy, nx0 - ox : nx1 - ox]
+    inner, contour = (job.window[k][crop].astype(np.float32) / 255 for k in (2, 3))
+    nuclei = instances({"Nuclei-INST": (None, inner, contour)}, job.settings, job.mpp)["Nuclei"]
+    regions_ = instances(
+        {"Gland-INST": (None, gland, None), "Lumen-INST": (None, lumen, None)},
+        job.settings,
+        job.mpp,
+    )
+
+    out = []
+    kept, geoms = _owned_polygons(nuclei, (ny0, nx0), job)
+    types = majority_types(nuclei, job.window[4][crop], len(job.nucleus_types))
+    classes = [job.nucleus_types[types[i][0]] if i in types else "nucleus" for i in kept]
+    prob = np.array([types[i][1] if i in types else np.nan for i in kept], np.float32)
+    out.append(Objects("Nuclei", geoms, classes, prob))
+
+    truncated = 0
+    border = _window_border(regions_["Gland"], job)
+    for task, probs, name in (("Gland", gland, "gland"), ("Lumen", lumen, "lumen")):
+        labels = regions_[task]
+        kept, geoms = _owned_polygons(labels, (oy, ox), job)
+        mean = _label_means(labels, probs)
+        out.append(Objects(task, geoms, [name] * len(kept), mean[kept].astype(np.float32)))
+        if task == "Gland":
+            truncated = len(set(kept) & border)
+    return out, {"truncated": truncated}
+
+
+def _owned_polygons(labels: np.ndarray, origin, job: RegionJob) -> tuple[list[int], list]:
+    """Labels whose centroid lies in the job's core, and their outlines in level-0 pixels."""
+    y0, y1, x0, x1 = job.core
+    oy, ox = origin
+    sx, sy = job.scale
+    kept, geoms = [], []
+    for label, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        mask = labels[box] == label
+        ys, xs = np.nonzero(mask)
+        cy, cx = ys.mean() + box[0].start + oy, xs.mean() + box[1].start + ox
+        if not (y0 <= cy < y1 and x0 <= cx < x1):
+            continue
+        polygon = _outline(mask)
+        # Pixel centres (+0.5) at the model's resolution, to level 0.
+        offset = np.array([box[1].start + ox + 0.5, box[0].start + oy + 0.5])
+        coords = (polygon + offset) * (sx, sy)
+        kept.append(label)
+        geoms.append(Polygon(coords))
+    return kept, geoms
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """The outer contour of a filled object as (n, 2) x, y; a pixel square for tiny ones."""
+    contours, _ = cv2.findContours(
+        np.pad(mask, 1).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+    )
+    contour = max(contours, key=cv2.contourArea)[:, 0, :].astype(np.float64) - 1
+    if len(contour) < 3:
+        x, y = contour.min(axis=0)
+        return np.array([[x - 0.5, y - 0.5], [x + 0.5, y - 0.5], [x + 0.5, y + 0.5]])
+    return contour
+
+
+def _label_means(labels: np.ndarray, values: np.ndarray) -> np.ndarray:
+    n = int(labels.max()) + 1
+    total = np.bincount(labels.ravel(), weights=values.ravel(), minlength=n)
+    count = np.bincount(labels.ravel(), minlength=n)
+    return total / np.maximum(count, 1)
+
+
+def _window_border(labels: np.ndarray, job: RegionJob) -> set[int]:
+    """Labels touching a window edge that is not the slide's edge (possibly cut off)."""
+    oy, ox = job.origin
+    h, w = labels.shape
+    edges = []
+    if oy > 0:
+        edges.append(labels[0])
+    if ox > 0:
+        edges.append(labels[:, 0])
+    if oy + h < job.slide_shape[0]:
+        edges.append(labels[-1])
+    if ox + w < job.slide_shape[1]:
+        edges.append(labels[:, -1])
+    return set(np.unique(np.concatenate(edges)).tolist()) - {0} if edges else set()
+
+
+def tissue_regions(
+    grid: Grid, tile_classes: dict, mask: np.ndarray, class_names: list[str]
+) -> Objects:
+    """One multipolygon per tissue class (background excluded): the tissue mask where the
+    patch-classification head gave that class to the tile, with the class's mean probability."""
+    h, w = mask.shape
+    # Tile of each mask pixel.
+    rows = np.minimum((np.arange(h) + 0.5) * grid.shape[0] / h // grid.tile, grid.rows - 1)
+    cols = np.minimum((np.arange(w) + 0.5) * grid.shape[1] / w // grid.tile, grid.cols - 1)
+    tile_class = np.full((grid.rows, grid.cols), -1, np.int16)
+    for (r, c), probs in tile_classes.items():
+        tile_class[r, c] = int(np.argmax(probs))
+    pixel_class = np.where(mask, tile_class[rows.astype(int)][:, cols.astype(int)], -1)
+    # Mask pixel corners to level 0.
+    sx = grid.shape[1] / w * grid.scale[0]
+    sy = grid.shape[0] / h * grid.scale[1]
+    geoms, classes, probability = [], [], []
+    for k, name in enumerate(class_names):
+        if k == 0 or not (pixel_class == k).any():
+            continue
+        polygons = mask_polygons(pixel_class == k)
+        geoms.append(MultiPolygon([_scaled(p, sx, sy) for p in polygons]))
+        classes.append(name)
+        probability.append(np.mean([p[k] for p in tile_classes.values() if np.argmax(p) == k]))
+    return Objects("Tissue", geoms, classes, np.array(probability, np.float32))
+
+
+def mask_polygons(mask: np.ndarray) -> list[Polygon]:
+    """Polygons (with holes) outlining a boolean mask, in pixel-corner coordinates."""
+    # Upsample ×2 so that contour points (pixel centres) fall on the original pixel corners.
+    big = np.kron(mask.astype(np.uint8), np.ones((2, 2), np.uint8))
+    contours, hierarchy = cv2.findContours(np.pad(big, 1), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    if hierarchy is None:
+        return []
+    out = []
+    for i, (_, _, first_child, parent) in enumerate(hierarchy[0]):
+        if parent != -1 or len(contours[i]) < 3:
+            continue
+        holes = []
+        child = first_child
+        while child != -1:
+            if len(contours[child]) >= 3:
+                holes.append(_corners(contours[child]))
+            child = hierarchy[0][child][0]
+        out.append(Polygon(_corners(contours[i]), holes))
+    return out
+
+
+def _corners(contour: np.ndarray) -> np.ndarray:
+    return (contour[:, 0, :].astype(np.float64) - 1 + 0.5) / 2
+
+
+def _scaled(polygon: Polygon, sx: float, sy: float) -> Polygon:
+    def scale(ring):
+        return np.asarray(ring.coords) * (sx, sy)
+
+    return Polygon(scale(polygon.exterior), [scale(r) for r in polygon.interiors])
