@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
@@ -148,3 +149,36 @@ def slide_summaries(engine: Engine) -> list[dict]:
             summary[table] = sum(counts.get(table, {}).values())
         summaries.append(summary)
     return summaries
+
+
+FIND_INGESTED = """
+SELECT s.id, s.file_path
+FROM slide s
+JOIN run r ON r.id = s.current_run_id
+JOIN model m ON m.id = r.model_id
+WHERE s.fingerprint = :fingerprint AND m.weights_hash = :weights_hash AND r.kind = 'inference'
+ORDER BY s.id
+LIMIT 1
+"""
+
+
+def find_ingested(engine: Engine, fingerprint: str, weights_hash: str) -> dict | None:
+    """The slide whose file content and current model are these, if any."""
+    with engine.connect() as conn:
+        row = (
+            conn.execute(
+                text(FIND_INGESTED), {"fingerprint": fingerprint, "weights_hash": weights_hash}
+            )
+            .mappings()
+            .first()
+        )
+    return dict(row) if row else None
+
+
+def fingerprint(path) -> str:
+    """SHA-256 of a file's bytes: the identity of its content, wherever it lies."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 22):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()

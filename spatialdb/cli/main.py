@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from spatialdb.cli import db, delete, model, status
+from spatialdb.cli import db, delete, ingest, model, status
 from spatialdb.errors import UserError
 
 
@@ -33,6 +33,7 @@ def cli(ctx: click.Context, db_url: str | None, verbose: bool) -> None:
 cli.add_command(db.db)
 cli.add_command(status.status)
 cli.add_command(delete.delete)
+cli.add_command(ingest.ingest)
 cli.add_command(model.train)
 cli.add_command(model.evaluate)
 

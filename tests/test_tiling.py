@@ -1,0 +1,125 @@
+"""Region-by-region post-processing: objects that cross tile and region borders come out once
+and whole, on synthetic head outputs with known objects."""
+
+import numpy as np
+import pytest
+from shapely.geometry import Point
+
+from inference import tiling
+from inference.predict import POSTPROCESS
+
+TILE = 64
+MPP = 0.5
+SETTINGS = {**POSTPROCESS, "contour_px": {"Gland": 4, "Lumen": 3, "Nuclei": 2}}
+TYPES = ["nolabel", "neutrophil", "epithelial", "lymphocyte", "plasma", "eosinophil", "connective"]
+
+
+def disc_channels(shape, discs, contour_px):
+    """(inner, contour) probability maps for discs (cy, cx, r): inner inside r - contour_px,
+    contour in the ring outside it."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    inner = np.zeros(shape, np.float32)
+    contour = np.zeros(shape, np.float32)
+    for cy, cx, r in discs:
+        d = np.hypot(yy - cy, xx - cx)
+        inner[d <= r - contour_px] = 1
+        contour[(d > r - contour_px) & (d <= r)] = 1
+    return inner, contour
+
+
+def synthetic_tiles(shape, nuclei, glands):
+    """Tile outputs (the `CHANNELS` of `reduce_tile`) cut from whole-slide maps."""
+    n_inner, n_contour = disc_channels(shape, nuclei, 2)
+    g_inner, _ = disc_channels(shape, glands, 4)
+    types = np.where(n_inner + n_contour > 0, 2, 0)  # every nucleus "epithelial"
+    full = np.stack([g_inner, np.zeros(shape), n_inner, n_contour, types / 255.0])
+    full = np.clip(np.rint(full * 255), 0, 255).astype(np.uint8)
+    rows, cols = -(-shape[0] // TILE), -(-shape[1] // TILE)
+    padded = np.zeros((5, rows * TILE, cols * TILE), np.uint8)
+    padded[:, : shape[0], : shape[1]] = full
+    return {
+        (r, c): padded[:, r * TILE : (r + 1) * TILE, c * TILE : (c + 1) * TILE]
+        for r in range(rows)
+        for c in range(cols)
+    }
+
+
+def run_regions(shape, tiles, mask=None):
+    mask = np.ones(shape, bool) if mask is None else mask
+    grid = tiling.Grid.over(shape, (2.0, 2.0), TILE, 16, mask)
+    plan = tiling.regions(grid)
+    sched = tiling.schedule(grid, plan)
+    held, found = {}, {"Nuclei": [], "Gland": []}
+    done = 0
+    next_region = 0
+    max_held = 0
+    for rc in sched.order:  # simulate the inference stream, one tile at a time
+        held[rc] = tiles[rc]
+        done += 1
+        max_held = max(max_held, len(held))
+        while next_region < len(plan) and sched.ready_after[next_region] <= done:
+            region = plan[next_region]
+            job = tiling.region_job(
+                grid, region, held, settings=SETTINGS, mpp=MPP, nucleus_types=TYPES
+            )
+            for tile, last in sched.last_use.items():
+                if last == region.index:
+                    held.pop(tile, None)
+            objects, _ = tiling.process_region(job)
+            for o in objects:
+                if o.task in found:
+                    found[o.task].extend(zip(o.geoms, o.classes, strict=True))
+            next_region += 1
+    assert next_region == len(plan)
+    return found, max_held, grid
+
+
+def test_objects_across_tile_and_region_borders_come_out_once_and_whole():
+    shape = (700, 900)
+    # Nuclei on tile borders (multiples of 64), on region borders (multiples of 256) and corners.
+    nuclei = [(64, 100, 8), (256, 256, 9), (200, 320, 7), (511, 640, 8), (400, 830, 8)]
+    glands = [(256, 512, 90), (520, 250, 70)]  # each spans several tiles and two regions
+    found, _, _ = run_regions(shape, synthetic_tiles(shape, nuclei, glands))
+
+    assert len(found["Nuclei"]) == len(nuclei)
+    assert len(found["Gland"]) == len(glands)
+    for kind, truth in (("Nuclei", nuclei), ("Gland", glands)):
+        for cy, cx, r in truth:
+            # level-0 = 2 × model pixels
+            expected = Point(2 * cx, 2 * cy).buffer(2 * r)
+            matches = [g for g, _ in found[kind] if g.intersects(expected)]
+            assert len(matches) == 1, (kind, cy, cx)
+            overlap = matches[0].intersection(expected).area / expected.union(matches[0]).area
+            assert overlap > 0.85, (kind, cy, cx, overlap)
+    assert {c for _, c in found["Nuclei"]} == {"epithelial"}
+
+
+def test_memory_holds_a_band_of_tiles_not_the_slide():
+    shape = (64 * 40, 64 * 12)  # 40 rows of tiles
+    tiles = synthetic_tiles(shape, [], [])
+    _, max_held, grid = run_regions(shape, tiles)
+    band = (tiling.REGION_TILES + 2 * tiling.GLAND_MARGIN_TILES) * grid.cols
+    assert max_held <= band < grid.rows * grid.cols / 3
+
+
+def test_no_objects_outside_the_tissue_mask():
+    shape = (512, 512)
+    nuclei = [(100, 100, 8), (400, 400, 8)]
+    mask = np.zeros((64, 64), bool)
+    mask[:32, :32] = True  # top-left quarter only
+    found, _, grid = run_regions(shape, synthetic_tiles(shape, nuclei, []), mask)
+    assert len(found["Nuclei"]) == 1
+    assert found["Nuclei"][0][0].centroid.distance(Point(200, 200)) < 4
+    assert not grid.tissue[-1, -1]
+
+
+@pytest.mark.parametrize("holes", [False, True])
+def test_mask_polygons_outline_the_mask(holes):
+    mask = np.zeros((40, 50), bool)
+    mask[5:30, 10:45] = True
+    if holes:
+        mask[10:20, 20:30] = False
+    polygons = tiling.mask_polygons(mask)
+    assert len(polygons) == 1 and polygons[0].is_valid
+    assert polygons[0].area == pytest.approx(mask.sum(), rel=0.08)
+    assert len(polygons[0].interiors) == int(holes)
