@@ -50,12 +50,10 @@ def run_regions(shape, tiles, mask=None):
     plan = tiling.regions(grid)
     sched = tiling.schedule(grid, plan)
     held, found = {}, {"Nuclei": [], "Gland": []}
-    done = 0
     next_region = 0
     max_held = 0
-    for rc in sched.order:  # simulate the inference stream, one tile at a time
+    for done, rc in enumerate(sched.order, start=1):  # the inference stream, tile by tile
         held[rc] = tiles[rc]
-        done += 1
         max_held = max(max_held, len(held))
         while next_region < len(plan) and sched.ready_after[next_region] <= done:
             region = plan[next_region]

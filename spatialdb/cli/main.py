@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from spatialdb.cli import db, delete, ingest, model, status
+from spatialdb.cli import db, delete, imports, ingest, model, status
 from spatialdb.errors import UserError
 
 
@@ -34,6 +34,7 @@ cli.add_command(db.db)
 cli.add_command(status.status)
 cli.add_command(delete.delete)
 cli.add_command(ingest.ingest)
+cli.add_command(imports.import_results)
 cli.add_command(model.train)
 cli.add_command(model.evaluate)
 
