@@ -72,12 +72,13 @@ def segment_slide(
     workers: int | None = None,
     timings: dict | None = None,
     progress=None,
+    region_tiles: int = tiling.REGION_TILES,
 ) -> Iterator[tiling.Objects]:
     """Nuclei, glands, lumina (per region, as they are finished) and then tissue regions of a
     slide, as polygons in level-0 pixels. `workers` post-processing processes (default: one per
     core; 0 = in this process). `timings` receives seconds per phase (`read`, `infer`, `wait`
     for post-processing, and `postprocess`, summed over workers); `progress(done, total)` is
-    called after each batch of tiles."""
+    called after each batch of tiles. `region_tiles` sets the post-processing regions' size."""
     timings = timings if timings is not None else {}
     for phase in ("read", "infer", "postprocess", "wait"):
         timings.setdefault(phase, 0.0)
@@ -91,7 +92,7 @@ def segment_slide(
         (preset.input_size - preset.output_size) // 2,
         tissue.mask,
     )
-    plan = tiling.regions(grid)
+    plan = tiling.regions(grid, region_tiles)
     sched = tiling.schedule(grid, plan)
     fields = {
         "settings": {**POSTPROCESS, **info.postprocess},

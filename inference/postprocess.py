@@ -91,9 +91,9 @@ def _remove_small(labels: np.ndarray, min_area_px: int) -> np.ndarray:
 
 
 def _relabel(labels: np.ndarray) -> np.ndarray:
-    """Labels renumbered 1..n in order of first appearance of their value."""
-    values = np.unique(labels)
-    values = values[values > 0]
+    """Labels renumbered 1..n in order of their value."""
+    present = np.flatnonzero(np.bincount(labels.ravel()))
+    present = present[present > 0]
     lookup = np.zeros(int(labels.max()) + 1, dtype=np.int32)
-    lookup[values] = np.arange(1, len(values) + 1)
+    lookup[present] = np.arange(1, len(present) + 1)
     return lookup[labels]

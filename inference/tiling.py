@@ -5,8 +5,8 @@ is cut into square *regions* of `REGION_TILES`² tiles. Each region is post-proc
 that adds `GLAND_MARGIN_TILES` tiles of neighbouring output on every side (`NUCLEI_MARGIN_PX` for
 nuclei), and keeps only the objects whose centroid lies in its own core. Cores partition the
 slide, so every object comes out exactly once, and whole as long as it reaches no further than
-the margin beyond its core (192 µm for glands with the default grid; larger glands that touch the
-window edge are counted as `truncated`).
+the margin beyond its core (two 384 px tiles, 384 µm, for glands with the CPU preset; larger
+glands that touch the window edge are counted as `truncated`).
 
 Regions are visited row by row and tiles are inferred in the order the regions need them, so
 only the tiles still needed by a later region (about 2 × margin rows of tiles) are held, as
@@ -98,7 +98,10 @@ class Region:
 
 
 def regions(grid: Grid, size: int = REGION_TILES, margin: int = GLAND_MARGIN_TILES):
-    """Regions with tissue in their core, row by row."""
+    """Regions with tissue in their core, row by row. A slide that fits in one window is one
+    region: windows around smaller cores would only repeat its post-processing."""
+    if grid.rows <= size + 2 * margin and grid.cols <= size + 2 * margin:
+        size = max(grid.rows, grid.cols)
     out = []
     for r0 in range(0, grid.rows, size):
         for c0 in range(0, grid.cols, size):

@@ -41,3 +41,37 @@ def test_segment_slide_reads_only_tissue_tiles(model, tmp_path):
     nuclei = [g for o in objects if o.task == "Nuclei" for g in o.geoms]
     assert nuclei and all(480 - 8 <= g.centroid.x <= 1120 + 8 for g in nuclei)
     assert objects[-1].task == "Tissue"
+
+
+def test_small_regions_find_the_same_objects_as_one_region(model, tmp_path):
+    """Real model output cut into 1-tile regions (every tile border a region border) gives the
+    objects that one region over the whole slide gives: no seams, no duplicates."""
+    from shapely import STRtree
+
+    from inference import tiling
+    from inference.slide import open_slide, tissue_mask
+    from tests.slides import tissue_image, write_pyramid
+
+    def grid_of(reader, mask):
+        return tiling.Grid.over((2000, 2000), (1.0, 1.0), 384, 64, mask.mask)
+
+    reader = open_slide(write_pyramid(tmp_path / "s.tiff", tissue_image(2000, 2000, 3), 0.5))
+    mask = tissue_mask(reader)
+
+    def nuclei(region_tiles):
+        objects = segment_slide(reader, model, mask, workers=0, region_tiles=region_tiles)
+        return [g for o in objects if o.task == "Nuclei" for g in o.geoms]
+
+    assert len(tiling.regions(grid_of(reader, mask), 1)) > 1  # the cut is real
+    whole, cut = nuclei(8), nuclei(1)
+    assert len(whole) > 50
+    assert abs(len(cut) - len(whole)) <= 0.02 * len(whole)
+    tree = STRtree(whole)
+    matched = 0
+    for g in cut:
+        best = max(
+            (g.intersection(whole[i]).area / g.union(whole[i]).area for i in tree.query(g)),
+            default=0,
+        )
+        matched += best > 0.9
+    assert matched >= 0.97 * len(cut)
