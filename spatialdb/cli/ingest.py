@@ -293,7 +293,8 @@ def _summary(outcomes: list[Outcome]) -> None:
     for column in (*columns, *PHASES, "post-process"):
         table.add_column(column, justify="left" if column in ("slide", "status") else "right")
     for o in outcomes:
-        totals = [f"{sum(o.counts.get(t, {}).values()):,}" for t in ("nucleus", "gland", "lumen")]
+        tables = ("nucleus", "gland", "lumen")
+        totals = [f"{sum(o.counts[t].values()):,}" if o.counts else "" for t in tables]
         times = [f"{v:.1f}" for v in _phases(o).values()] if o.timings else [""] * len(PHASES)
         post = f"{o.timings['postprocess']:.1f}" if "postprocess" in o.timings else ""
         table.add_row(
