@@ -20,6 +20,7 @@ from scipy import ndimage
 from skimage.draw import polygon as fill_polygon
 
 from inference.network import NUCLEUS_TYPES, TISSUE_CLASSES
+from inference.targets import disk
 
 GLAS_MPP = 0.62  # 20x Zeiss MIRAX scans (Sirinukunwattana et al. 2017)
 MONUSEG_MPP = 0.25  # 40x TCGA; the XML's MicronsPerPixel wins where present
@@ -137,8 +138,8 @@ def lumen_pseudo_labels(image: np.ndarray, glands: np.ndarray, mpp: float) -> np
     """
     grey = image.mean(axis=2)
     radius = max(1, round(1.0 / mpp))
-    light = ndimage.binary_closing((grey > 175) & (glands > 0), structure=_disk(2 * radius))
-    light = ndimage.binary_opening(light & (glands > 0), structure=_disk(radius))
+    light = ndimage.binary_closing((grey > 175) & (glands > 0), structure=disk(2 * radius))
+    light = ndimage.binary_opening(light & (glands > 0), structure=disk(radius))
     candidates, _ = ndimage.label(ndimage.binary_fill_holes(light))
     min_area = 20.0 / mpp**2
     ring_px = max(1, round(2.0 / mpp))
@@ -155,8 +156,8 @@ def lumen_pseudo_labels(image: np.ndarray, glands: np.ndarray, mpp: float) -> np
         if region.sum() < min_area:
             continue
         gland = np.bincount(glands[window][region]).argmax()
-        ring = ndimage.binary_dilation(region, structure=_disk(ring_px)) & ~region
-        touches_edge = ring.sum() < 0.5 * _disk(ring_px).sum()  # clipped by the image border
+        ring = ndimage.binary_dilation(region, structure=disk(ring_px)) & ~region
+        touches_edge = ring.sum() < 0.5 * disk(ring_px).sum()  # clipped by the image border
         if gland == 0 or touches_edge or (glands[window][ring] == gland).mean() < 0.9:
             continue
         label += 1
@@ -267,11 +268,6 @@ def read_histolytics(root: Path, mpp: float) -> list[LabelledImage]:
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def _disk(radius: int) -> np.ndarray:
-    y, x = np.mgrid[-radius : radius + 1, -radius : radius + 1]
-    return x * x + y * y <= radius * radius
 
 
 def _natural_key(name: str) -> tuple:

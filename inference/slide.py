@@ -14,6 +14,8 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
+from inference.targets import disk
+
 #: Resolution (µm/px) of the thumbnail the tissue mask is computed on.
 MASK_MPP = 8.0
 #: Tissue pieces smaller than this (µm²) are ignored (dust, debris, pen dots).
@@ -94,8 +96,8 @@ def tissue_mask(reader, mpp: float = MASK_MPP) -> TissueMask:
     radius = max(1, round(16 / mpp))
     # Pad with the edge values so that tissue cut by the slide border is not eroded away.
     tissue = np.pad(tissue, radius, mode="edge")
-    tissue = ndimage.binary_closing(tissue, _disk(radius))
-    tissue = ndimage.binary_opening(tissue, _disk(max(1, radius // 2)))
+    tissue = ndimage.binary_closing(tissue, disk(radius))
+    tissue = ndimage.binary_opening(tissue, disk(max(1, radius // 2)))
     tissue = ndimage.binary_fill_holes(tissue[radius:-radius, radius:-radius])
     labels, n = ndimage.label(tissue)
     if n:
@@ -103,11 +105,6 @@ def tissue_mask(reader, mpp: float = MASK_MPP) -> TissueMask:
         area[0] = 0
         tissue = (area >= MIN_TISSUE_UM2)[labels]
     return TissueMask(tissue, mpp)
-
-
-def _disk(radius: int) -> np.ndarray:
-    y, x = np.ogrid[-radius : radius + 1, -radius : radius + 1]
-    return x * x + y * y <= radius * radius
 
 
 def _first_line(exc: BaseException) -> str:

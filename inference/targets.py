@@ -15,7 +15,8 @@ from scipy import ndimage
 BACKGROUND, INNER, CONTOUR = 0, 1, 2
 
 
-def _disk(radius: int) -> np.ndarray:
+def disk(radius: int) -> np.ndarray:
+    """A boolean disk footprint of the given radius in pixels."""
     y, x = np.mgrid[-radius : radius + 1, -radius : radius + 1]
     return x * x + y * y <= radius * radius
 
@@ -25,7 +26,7 @@ def inner_contour_map(instances: np.ndarray, contour_px: int) -> np.ndarray:
     another instance) are contour; the rest of the instance is inner."""
     if contour_px < 1:
         raise ValueError("contour_px must be at least 1")
-    footprint = _disk(contour_px)
+    footprint = disk(contour_px)
     low = ndimage.minimum_filter(instances, footprint=footprint, mode="nearest")
     high = ndimage.maximum_filter(instances, footprint=footprint, mode="nearest")
     out = np.zeros(instances.shape, dtype=np.uint8)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from spatialdb.catalog import SlideRecord, fingerprint
+from spatialdb.catalog import fingerprint
+from spatialdb.cli.ingest import open_reader, slide_record
 from spatialdb.db import connect
 from spatialdb.errors import UserError
 from spatialdb.imports import check_inside, read_dat, read_geojson
@@ -33,15 +34,11 @@ def import_results(obj: dict, results: Path, slide_path: Path, mpp, table) -> No
     """Store RESULTS (a Cerberus .dat or a GeoJSON file) as a new run of SLIDE, replacing its
     current objects atomically."""
     from inference.network import GLAND_TYPES, NUCLEUS_TYPES, TISSUE_CLASSES
-    from inference.slide import SlideError, open_slide
     from spatialdb.loader import RunWriter
 
     if not results.is_file():
         raise UserError(f"{results}: no such file")
-    try:
-        reader = open_slide(slide_path, mpp)
-    except SlideError as exc:
-        raise UserError(str(exc)) from exc
+    reader = open_reader(slide_path, mpp)
     meta = reader.info
     width, height = (int(v) for v in meta.slide_dimensions)
     if results.suffix.lower() == ".dat":
@@ -55,18 +52,7 @@ def import_results(obj: dict, results: Path, slide_path: Path, mpp, table) -> No
         raise UserError(f"{results}: expected a Cerberus .dat or a .geojson/.json file")
     check_inside(results, parsed, width, height)
 
-    slide = SlideRecord(
-        file_path=str(slide_path.resolve()),
-        name=slide_path.stem,
-        fingerprint=fingerprint(slide_path),
-        width=width,
-        height=height,
-        mpp_x=float(meta.mpp[0]),
-        mpp_y=float(meta.mpp[1]),
-        level_count=int(meta.level_count),
-        objective_power=float(meta.objective_power) if meta.objective_power else None,
-        vendor=meta.vendor,
-    )
+    slide = slide_record(slide_path, reader, fingerprint(slide_path))
     parameters = {"source": str(results.resolve()), "format": kind}
     engine = connect(obj["db_url"])
     with RunWriter(engine, slide, kind="import", parameters=parameters) as run:

@@ -143,16 +143,13 @@ def ingest_slide(
     """Ingest one slide; `model` is `(CerberusModel, weights path)`. Raises `UserError` for a
     file that is not a usable slide; nothing is stored then."""
     from inference.engine import segment_slide
-    from inference.slide import SlideError, open_slide, tissue_mask
+    from inference.slide import tissue_mask
     from spatialdb.loader import RunWriter
 
     network, weights_path = model
     info = network.info
     begun = started = time.perf_counter()
-    try:
-        reader = open_slide(path, mpp)
-    except SlideError as exc:
-        raise UserError(str(exc)) from exc
+    reader = open_reader(path, mpp)
     content = fingerprint(path)
     existing = find_ingested(engine, content, info.sha256)
     if existing and not force:
@@ -169,19 +166,7 @@ def ingest_slide(
     started = time.perf_counter()
     mask = tissue_mask(reader)
     timings["tissue_mask"] = time.perf_counter() - started
-    meta = reader.info
-    slide = SlideRecord(
-        file_path=str(path.resolve()),
-        name=path.stem,
-        fingerprint=content,
-        width=int(meta.slide_dimensions[0]),
-        height=int(meta.slide_dimensions[1]),
-        mpp_x=float(meta.mpp[0]),
-        mpp_y=float(meta.mpp[1]),
-        level_count=int(meta.level_count),
-        objective_power=float(meta.objective_power) if meta.objective_power else None,
-        vendor=meta.vendor,
-    )
+    slide = slide_record(path, reader, content)
     record = ModelRecord(
         name=weights_path.name,
         preset=info.preset.name,
@@ -227,6 +212,33 @@ def ingest_slide(
         counts=result.object_counts,
         timings=phase,
         tissue_mm2=mask.area_mm2,
+    )
+
+
+def open_reader(path: Path, mpp: float | None):
+    """The slide's tiatoolbox reader; `UserError` with one line if it is not a usable slide."""
+    from inference.slide import SlideError, open_slide
+
+    try:
+        return open_slide(path, mpp)
+    except SlideError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def slide_record(path: Path, reader, content: str) -> SlideRecord:
+    """What the database keeps about a slide, from its reader's metadata."""
+    meta = reader.info
+    return SlideRecord(
+        file_path=str(path.resolve()),
+        name=path.stem,
+        fingerprint=content,
+        width=int(meta.slide_dimensions[0]),
+        height=int(meta.slide_dimensions[1]),
+        mpp_x=float(meta.mpp[0]),
+        mpp_y=float(meta.mpp[1]),
+        level_count=int(meta.level_count),
+        objective_power=float(meta.objective_power) if meta.objective_power else None,
+        vendor=meta.vendor,
     )
 
 
