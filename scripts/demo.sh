@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: set up, start the embedded PostGIS database, ingest the bundled
-# sample slide with the shipped model and print what was found.
+# sample slide with the shipped model (which computes its features), print what was found and
+# export the gland and slide features to out/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/spatialdb db upgrade
 .venv/bin/spatialdb ingest data/sample/CMU-1-Small-Region.svs
 .venv/bin/spatialdb status
+mkdir -p out
+.venv/bin/spatialdb features export --level gland --slide CMU-1-Small-Region -o out/gland_features.csv
+.venv/bin/spatialdb features export --level slide --slide CMU-1-Small-Region -o out/slide_features.csv

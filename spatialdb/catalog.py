@@ -129,16 +129,19 @@ def delete_slide(engine: Engine, slide_id: int) -> None:
 STATUS_QUERY = """
 SELECT s.id, s.name, s.status, s.width, s.height, s.mpp_x, r.id AS run_id, r.kind,
        m.name AS model, r.object_counts, r.finished_at,
-       (SELECT count(*) FROM run a WHERE a.slide_id = s.id) AS runs
+       (SELECT count(*) FROM run a WHERE a.slide_id = s.id) AS runs,
+       coalesce(f.run_id = s.current_run_id, false) AS features_current
 FROM slide s
 LEFT JOIN run r ON r.id = s.current_run_id
 LEFT JOIN model m ON m.id = r.model_id
+LEFT JOIN slide_feature f ON f.slide_id = s.id
 ORDER BY s.id
 """
 
 
 def slide_summaries(engine: Engine) -> list[dict]:
-    """One row per slide: current run, its model and object counts per table."""
+    """One row per slide: current run, its model, object counts per table and whether its
+    features describe that run."""
     with engine.connect() as conn:
         rows = conn.execute(text(STATUS_QUERY)).mappings().all()
     summaries = []

@@ -13,6 +13,10 @@ just before the swap; if the process dies in that window they are orphans no rea
 (not attached), and `sweep_orphans`, run by every writer before it starts, drops them once the
 coordinator's transaction-level advisory lock shows it is gone.
 
+Each batch is stored in Z-order of its objects' positions, so that spatial joins read few pages.
+The swap also deletes the slide's feature rows, which describe the old run;
+`spatialdb.features.refresh` computes the new ones.
+
     with RunWriter(engine, slide_record, model=model_record) as run:
         run.add("nucleus", polygons, classes, probability)
         result = run.commit()
@@ -43,8 +47,8 @@ from spatialdb.catalog import (
     upsert_slide,
 )
 from spatialdb.copy_binary import OBJECT_COLUMNS, CopyStream, ObjectRows, encode
-from spatialdb.geometry import Prepared, prepare_polygons
-from spatialdb.schema import OBJECT_MODELS, OBJECT_TABLES, RUN_KINDS
+from spatialdb.geometry import Prepared, prepare_polygons, spatial_order
+from spatialdb.schema import FEATURE_TABLES, OBJECT_MODELS, OBJECT_TABLES, RUN_KINDS
 
 #: Rows encoded per COPY chunk: large enough to amortise Python, small enough to pipeline.
 CHUNK_ROWS = 50_000
@@ -203,6 +207,13 @@ class RunWriter:
         )
         uuids = _uuid_bytes(uuids, n)
         multi = OBJECT_MODELS[table].geometry_type != "POLYGON"
+        order = spatial_order(geoms)
+        geoms, class_codes, probability, uuids = (
+            geoms[order],
+            class_codes[order],
+            probability[order],
+            uuids[order],
+        )
 
         # Chunks go to the lanes in turn; each lane numbers its objects in its own id block.
         lane_chunks: list[list[tuple[slice, int]]] = [[] for _ in range(self.n_lanes)]
@@ -300,6 +311,11 @@ class RunWriter:
         counts = {t: {k: int(v) for k, v in c.items()} for t, c in self.counts.items()}
         all_timings = {**(timings or {}), **{k: round(v, 4) for k, v in self.timings.items()}}
         all_timings["swap_s"] = round(time.perf_counter() - started, 4)
+        for table in FEATURE_TABLES:  # they describe the old run; `features.refresh` redoes them
+            cur.execute(
+                sql.SQL("DELETE FROM {} WHERE slide_id = %s").format(sql.Identifier(table)),
+                (self.slide_id,),
+            )
         cur.execute(
             "UPDATE run SET status = 'superseded' "
             "WHERE slide_id = %s AND id <> %s AND status = 'complete'",

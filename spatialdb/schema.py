@@ -172,3 +172,68 @@ class TissueRegion(ObjectColumns, Base):
 #: Object tables by name, in load order.
 OBJECT_MODELS = {m.__tablename__: m for m in (Nucleus, Gland, Lumen, TissueRegion)}
 OBJECT_TABLES = tuple(OBJECT_MODELS)
+
+
+class GlandFeature(Base):
+    """Per-gland features of a slide's current run (filled by `gland_features()` in SQL)."""
+
+    __tablename__ = "gland_feature"
+
+    slide_id: Mapped[int] = mapped_column(
+        ForeignKey("slide.id", ondelete="CASCADE"), primary_key=True
+    )
+    gland_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    run_id: Mapped[int] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"), nullable=False)
+    gland_uuid: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), nullable=False)
+    gland_class: Mapped[str] = mapped_column(Text, nullable=False)
+    centroid_x_px: Mapped[float] = mapped_column(Double, nullable=False)
+    centroid_y_px: Mapped[float] = mapped_column(Double, nullable=False)
+    area_um2: Mapped[float] = mapped_column(Double, nullable=False)
+    perimeter_um: Mapped[float] = mapped_column(Double, nullable=False)
+    circularity: Mapped[float] = mapped_column(Double, nullable=False)
+    solidity: Mapped[float] = mapped_column(Double, nullable=False)
+    major_axis_um: Mapped[float] = mapped_column(Double, nullable=False)
+    minor_axis_um: Mapped[float] = mapped_column(Double, nullable=False)
+    elongation: Mapped[float] = mapped_column(Double, nullable=False)
+    nuclei_count: Mapped[int] = mapped_column(Integer, nullable=False)
+    nuclei_per_1000um2: Mapped[float] = mapped_column(Double, nullable=False)
+    nuclear_area_mean_um2: Mapped[float | None] = mapped_column(Double)
+    nuclear_area_median_um2: Mapped[float | None] = mapped_column(Double)
+    nuclei_by_class: Mapped[dict] = mapped_column(JSONB, nullable=False)
+    lumen_count: Mapped[int] = mapped_column(Integer, nullable=False)
+    lumen_area_um2: Mapped[float] = mapped_column(Double, nullable=False)
+    lumen_to_gland_area_ratio: Mapped[float] = mapped_column(Double, nullable=False)
+    nearest_gland_distance_um: Mapped[float | None] = mapped_column(Double)
+    tissue_class: Mapped[str | None] = mapped_column(Text)
+
+
+class SlideFeature(Base):
+    """Per-slide features of a slide's current run (filled by `slide_features()` in SQL)."""
+
+    __tablename__ = "slide_feature"
+
+    slide_id: Mapped[int] = mapped_column(
+        ForeignKey("slide.id", ondelete="CASCADE"), primary_key=True
+    )
+    run_id: Mapped[int] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"), nullable=False)
+    computed_at: Mapped[datetime] = _now()
+    tissue_area_um2: Mapped[float] = mapped_column(Double, nullable=False)
+    nucleus_count: Mapped[int] = mapped_column(Integer, nullable=False)
+    gland_count: Mapped[int] = mapped_column(Integer, nullable=False)
+    lumen_count: Mapped[int] = mapped_column(Integer, nullable=False)
+    gland_area_um2: Mapped[float] = mapped_column(Double, nullable=False)
+    lumen_area_um2: Mapped[float] = mapped_column(Double, nullable=False)
+    gland_area_fraction: Mapped[float | None] = mapped_column(Double)
+    lumen_area_fraction: Mapped[float | None] = mapped_column(Double)
+    stroma_area_um2: Mapped[float | None] = mapped_column(Double)
+    nuclei_in_glands: Mapped[int] = mapped_column(Integer, nullable=False)
+    nuclei_in_stroma: Mapped[int] = mapped_column(Integer, nullable=False)
+    nuclei_per_1000um2_in_glands: Mapped[float | None] = mapped_column(Double)
+    nuclei_per_1000um2_in_stroma: Mapped[float | None] = mapped_column(Double)
+    object_counts: Mapped[dict] = mapped_column(JSONB, nullable=False)
+    tissue_class_area_um2: Mapped[dict] = mapped_column(JSONB, nullable=False)
+    gland_feature_quantiles: Mapped[dict] = mapped_column(JSONB, nullable=False)
+
+
+#: Tables of derived features, cleared when a slide's run is replaced.
+FEATURE_TABLES = ("gland_feature", "slide_feature")

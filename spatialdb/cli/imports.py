@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from spatialdb.catalog import fingerprint
-from spatialdb.cli.ingest import open_reader, slide_record
+from spatialdb.cli.ingest import open_reader, refresh_features, slide_record
 from spatialdb.db import connect
 from spatialdb.errors import UserError
 from spatialdb.imports import check_inside, read_dat, read_geojson
@@ -60,6 +60,7 @@ def import_results(obj: dict, results: Path, slide_path: Path, mpp, table) -> No
             if objects.geoms:
                 run.add(name, objects.geoms, objects.classes, objects.probability)
         result = run.commit()
+    refresh_features(engine, result.slide_id, results)
     stored = ", ".join(f"{t} {result.total(t):,}" for t in OBJECT_TABLES if result.total(t))
     click.echo(
         f"{results.name}: imported into slide {result.slide_id} ({slide.name}), run "

@@ -202,6 +202,7 @@ def ingest_slide(
         phase = {k: round(v, 3) for k, v in timings.items()}
         result = run.commit({**phase, "load": round(load, 3)})
         phase["load"] = load + time.perf_counter() - started
+    phase["features"] = refresh_features(engine, result.slide_id, path)
     phase["total"] = time.perf_counter() - begun
     message = "" if mask.mask.any() else "no tissue found: stored with zero objects"
     return Outcome(
@@ -213,6 +214,19 @@ def ingest_slide(
         timings=phase,
         tissue_mm2=mask.area_mm2,
     )
+
+
+def refresh_features(engine, slide_id: int, source: Path) -> float:
+    """Compute the new run's features; the seconds it took. The run is stored either way."""
+    from spatialdb import features
+
+    try:
+        return features.refresh(engine, slide_id)
+    except Exception as exc:
+        raise UserError(
+            f"{source}: stored as slide {slide_id}, but computing its features failed "
+            f"({first_line(exc)}); retry with: spatialdb features refresh {slide_id}"
+        ) from exc
 
 
 def open_reader(path: Path, mpp: float | None):
@@ -289,7 +303,7 @@ def _report(outcome: Outcome) -> None:
             click.echo(f"  {table}: {sum(classes.values()):,} ({listed})")
 
 
-PHASES = ("open", "tissue_mask", "read", "infer", "wait", "load", "total")
+PHASES = ("open", "tissue_mask", "read", "infer", "wait", "load", "features", "total")
 
 
 def _phases(outcome: Outcome) -> dict[str, float]:

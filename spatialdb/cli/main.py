@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from spatialdb.cli import db, delete, imports, ingest, model, status
+from spatialdb.cli import db, delete, features, imports, ingest, model, status
 from spatialdb.errors import UserError
 
 
@@ -35,6 +35,7 @@ cli.add_command(status.status)
 cli.add_command(delete.delete)
 cli.add_command(ingest.ingest)
 cli.add_command(imports.import_results)
+cli.add_command(features.features)
 cli.add_command(model.train)
 cli.add_command(model.evaluate)
 

@@ -28,7 +28,18 @@ def status(obj: dict, as_json: bool) -> None:
         click.echo("no slides yet: ingest or import one")
         return
     table = Table(title=f"{len(rows)} slide(s)")
-    for column in ("id", "name", "status", "run", "kind", "model", *OBJECT_TABLES, "finished"):
+    columns = (
+        "id",
+        "name",
+        "status",
+        "run",
+        "kind",
+        "model",
+        *OBJECT_TABLES,
+        "features",
+        "finished",
+    )
+    for column in columns:
         table.add_column(column, justify="right" if column in OBJECT_TABLES else "left")
     for row in rows:
         finished = row["finished_at"].strftime("%Y-%m-%d %H:%M") if row["finished_at"] else ""
@@ -40,6 +51,7 @@ def status(obj: dict, as_json: bool) -> None:
             row["kind"] or "",
             row["model"] or "",
             *(f"{row[t]:,}" for t in OBJECT_TABLES),
+            "current" if row["features_current"] else "missing",
             finished,
         )
     Console(width=None if sys.stdout.isatty() else 160).print(table)
