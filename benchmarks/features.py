@@ -87,7 +87,9 @@ def frames_from_database(engine, slide_id: int) -> dict[str, gpd.GeoDataFrame]:
     }
     with engine.connect() as conn:
         return {
-            name: gpd.read_postgis(text(q.replace("%(s)s", ":s")), conn, params={"s": slide_id})
+            name: gpd.read_postgis(
+                text(q.replace("%(s)s", ":s")), conn, geom_col="geom", params={"s": slide_id}
+            ).rename_geometry("geometry")
             for name, q in queries.items()
         }
 
@@ -116,11 +118,7 @@ def geopandas_features(frames) -> tuple[pd.DataFrame, dict]:
     geoms = glands.geometry.values
     hull = shapely.convex_hull(geoms)
     out["solidity"] = shapely.area(geoms) / shapely.area(hull)
-    hull_um = shapely.transform(hull, lambda xy: xy * MPP)
-    box = shapely.get_coordinates(shapely.oriented_envelope(hull_um))
-    box = box.reshape(len(glands), 5, 2)
-    sides = np.stack([np.hypot(*(box[:, 1] - box[:, 0]).T), np.hypot(*(box[:, 2] - box[:, 1]).T)])
-    out["major_axis_um"], out["minor_axis_um"] = sides.max(axis=0), sides.min(axis=0)
+    out["major_axis_um"], out["minor_axis_um"] = feret_axes(hull)
     out["elongation"] = out["major_axis_um"] / out["minor_axis_um"]
     out["circularity"] = 4 * np.pi * glands["area_um2"] / glands["perimeter_um"] ** 2
     nearest = gpd.sjoin_nearest(
@@ -153,6 +151,25 @@ def geopandas_features(frames) -> tuple[pd.DataFrame, dict]:
         "gland_feature_quantiles": out.select_dtypes("number").quantile(QUANTILES).to_dict(),
     }
     return out, slide
+
+
+def feret_axes(hulls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Maximum Feret diameter (µm) and the width across it, vectorised per vertex count."""
+    major, minor = np.empty(len(hulls)), np.empty(len(hulls))
+    counts = shapely.get_num_coordinates(hulls)
+    for k in np.unique(counts):
+        sel = np.flatnonzero(counts == k)
+        xy = shapely.get_coordinates(hulls[sel]).reshape(len(sel), k, 2) * MPP
+        chord = xy[:, :, None, :] - xy[:, None, :, :]
+        longest = np.argmax(np.hypot(chord[..., 0], chord[..., 1]).reshape(len(sel), -1), axis=1)
+        i, j = np.unravel_index(longest, (k, k))
+        d = xy[np.arange(len(sel)), i] - xy[np.arange(len(sel)), j]
+        angle = np.arctan2(d[:, 1], d[:, 0])[:, None]
+        along = xy[..., 0] * np.cos(angle) + xy[..., 1] * np.sin(angle)
+        across = -xy[..., 0] * np.sin(angle) + xy[..., 1] * np.cos(angle)
+        major[sel] = np.ptp(along, axis=1)
+        minor[sel] = np.ptp(across, axis=1)
+    return major, minor
 
 
 def shapely_neighbours(points: np.ndarray, radius_px: float) -> int:

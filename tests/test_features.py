@@ -9,6 +9,7 @@ import geopandas as gpd
 import pandas as pd
 import pytest
 import shapely
+import shapely.affinity
 from sqlalchemy import text
 
 from spatialdb import feature_export, features
@@ -85,15 +86,37 @@ def test_gland_shape_features_in_micrometres(engine):
     assert square["perimeter_um"] == pytest.approx(400, **EXACT)
     assert square["circularity"] == pytest.approx(math.pi / 4, **EXACT)
     assert square["solidity"] == pytest.approx(1, **EXACT)
-    assert (square["major_axis_um"], square["minor_axis_um"]) == pytest.approx((100, 100), **EXACT)
+    # Axes: the longest chord (for a rectangle, its diagonal d) and the width across it (2wh/d).
+    diagonal = math.hypot(100, 100)
+    assert (square["major_axis_um"], square["minor_axis_um"]) == pytest.approx(
+        (diagonal, diagonal), **EXACT
+    )
     assert bar["area_um2"] == pytest.approx(200 * 50, **EXACT)
-    assert (bar["major_axis_um"], bar["minor_axis_um"]) == pytest.approx((200, 50), **EXACT)
-    assert bar["elongation"] == pytest.approx(4, **EXACT)
+    diagonal = math.hypot(200, 50)
+    assert (bar["major_axis_um"], bar["minor_axis_um"]) == pytest.approx(
+        (diagonal, 2 * 200 * 50 / diagonal), **EXACT
+    )
+    assert bar["elongation"] == pytest.approx(diagonal**2 / (2 * 200 * 50), **EXACT)
     assert bar["circularity"] == pytest.approx(4 * math.pi * 10_000 / 500**2, **EXACT)
     # The L is three quarters of a square; its hull cuts the missing quarter's diagonal.
     assert ell["area_um2"] == pytest.approx(0.75 * 200 * 200, **EXACT)
     assert ell["solidity"] == pytest.approx(0.75 / 0.875, **EXACT)
     assert ell["gland_class"] == "surface-epi"
+
+
+def test_axes_of_an_elliptic_gland_are_its_diameters(engine):
+    ellipse = shapely.affinity.scale(shapely.Point(0, 0).buffer(1, quad_segs=64), 120, 40)
+    ellipse = shapely.affinity.rotate(shapely.affinity.translate(ellipse, 500, 500), 30)
+    with RunWriter(engine, make_slide("ellipse", width=1000, height=1000, mpp=MPP)) as run:
+        run.add("gland", [ellipse], "gland")
+        slide_id = run.commit().slide_id
+    features.refresh(engine, slide_id)
+    (row,) = gland_rows(engine, slide_id)
+    # A 256-gon inscribed in the ellipse: its diameters fall short by less than 0.1 %.
+    assert row["major_axis_um"] == pytest.approx(240 * MPP, rel=1e-3)
+    assert row["minor_axis_um"] == pytest.approx(80 * MPP, rel=1e-3)
+    assert row["elongation"] == pytest.approx(3, rel=1e-3)
+    assert row["nearest_gland_distance_um"] is None and row["nuclei_count"] == 0
 
 
 def test_nuclei_inside_a_gland_are_counted_measured_and_typed(engine):

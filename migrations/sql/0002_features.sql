@@ -19,8 +19,8 @@ CREATE TABLE gland_feature (
     perimeter_um double precision NOT NULL,
     circularity double precision NOT NULL,           -- 4π area / perimeter²: 1 for a disc
     solidity double precision NOT NULL,              -- area / convex hull area
-    major_axis_um double precision NOT NULL,         -- sides of the minimum-area enclosing rectangle
-    minor_axis_um double precision NOT NULL,
+    major_axis_um double precision NOT NULL,         -- maximum Feret diameter
+    minor_axis_um double precision NOT NULL,         -- width perpendicular to that diameter
     elongation double precision NOT NULL,            -- major / minor axis
     nuclei_count integer NOT NULL,
     nuclei_per_1000um2 double precision NOT NULL,
@@ -128,16 +128,22 @@ LEFT JOIN LATERAL (
     ORDER BY g.geom <-> o.geom
     LIMIT 1
 ) nearest ON true
+-- Axes: the maximum Feret diameter (the hull's longest chord, in µm) and the hull's extent
+-- across it, read off the hull turned so that the diameter lies along x. Exact for ellipses and
+-- independent of the GEOS version (ST_OrientedEnvelope changed its rectangle in GEOS 3.12).
 -- OFFSET 0 keeps each shape computed once per gland instead of once per use.
 CROSS JOIN LATERAL (SELECT ST_ConvexHull(g.geom) AS hull OFFSET 0) shape
+CROSS JOIN LATERAL (SELECT ST_Scale(shape.hull, s.mpp_x, s.mpp_y) AS hull_um OFFSET 0) scaled
+CROSS JOIN LATERAL (SELECT ST_LongestLine(scaled.hull_um, scaled.hull_um) AS chord OFFSET 0) feret
 CROSS JOIN LATERAL (
-    SELECT ST_ExteriorRing(ST_OrientedEnvelope(ST_Scale(shape.hull, s.mpp_x, s.mpp_y))) AS ring
+    SELECT ST_Rotate(scaled.hull_um, -atan2(
+               ST_Y(ST_EndPoint(feret.chord)) - ST_Y(ST_StartPoint(feret.chord)),
+               ST_X(ST_EndPoint(feret.chord)) - ST_X(ST_StartPoint(feret.chord)))) AS turned
     OFFSET 0
-) box
+) along
 CROSS JOIN LATERAL (
-    SELECT greatest(a, b) AS major_um, least(a, b) AS minor_um
-    FROM (SELECT ST_Distance(ST_PointN(box.ring, 1), ST_PointN(box.ring, 2)) AS a,
-                 ST_Distance(ST_PointN(box.ring, 2), ST_PointN(box.ring, 3)) AS b) sides
+    SELECT ST_XMax(along.turned) - ST_XMin(along.turned) AS major_um,
+           ST_YMax(along.turned) - ST_YMin(along.turned) AS minor_um
 ) axes
 LEFT JOIN tissue ON tissue.gland_id = g.id
 WHERE g.slide_id = p_slide_id AND g.id % p_lanes = p_lane
