@@ -59,8 +59,8 @@ def spatial_order(geoms: np.ndarray) -> np.ndarray:
     bounds = shapely.bounds(geoms)
     centre = np.nan_to_num((bounds[:, :2] + bounds[:, 2:]) / 2)  # empty shapes: NaN -> 0
     low, span = centre.min(axis=0), np.ptp(centre, axis=0)
-    cells = ((centre - low) / np.where(span > 0, span, 1) * 0xFFFF).astype(np.uint64)
-    return np.argsort(_spread_bits(cells[:, 0]) | (_spread_bits(cells[:, 1]) << 1), kind="stable")
+    cells = ((centre - low) / np.where(span > 0, span, 1) * 0xFFFF).astype(np.uint32)
+    return np.argsort(_spread_bits(cells[:, 0]) | (_spread_bits(cells[:, 1]) << 1))
 
 
 def _spread_bits(v: np.ndarray) -> np.ndarray:
