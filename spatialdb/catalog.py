@@ -108,6 +108,33 @@ def find_slide(engine: Engine, ref: str) -> dict:
     return dict(rows[0])
 
 
+def stored_slide(engine: Engine, slide_id: int) -> SlideRecord:
+    """The slide record as the database holds it (for runs made without the slide file)."""
+    columns = ", ".join(SlideRecord.__dataclass_fields__)
+    with engine.connect() as conn:
+        row = conn.execute(
+            text(f"SELECT {columns} FROM slide WHERE id = :id"), {"id": slide_id}
+        ).mappings()
+        found = next(iter(row), None)
+    if found is None:
+        raise UserError(f"no slide with id {slide_id}")
+    return SlideRecord(**found)
+
+
+def save_class_colours(engine: Engine, colours: dict[str, list[int]]) -> None:
+    """Record class colours (creating classes not seen before; a new colour replaces the old)."""
+    if not colours:
+        return
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO object_class (name, color) VALUES (:name, :color) "
+                "ON CONFLICT (name) DO UPDATE SET color = EXCLUDED.color"
+            ),
+            [{"name": n, "color": list(c)} for n, c in colours.items()],
+        )
+
+
 def delete_slide(engine: Engine, slide_id: int) -> None:
     """Remove a slide, its runs and all its objects in one transaction."""
     raw = engine.raw_connection()

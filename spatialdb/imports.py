@@ -6,6 +6,7 @@ raise `UserError` with one line for a file they cannot use.
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +29,15 @@ class Parsed:
     geoms: list = field(default_factory=list)
     classes: list[str] = field(default_factory=list)
     probability: list[float] = field(default_factory=list)
+    uuids: list[str | None] = field(default_factory=list)
 
-    def append(self, geom, cls: str, probability: float | None) -> None:
+    def append(self, geom, cls: str, probability: float | None, uuid: str | None = None) -> None:
         self.geoms.append(geom)
         self.classes.append(cls)
-        self.probability.append(np.nan if probability is None else float(probability))
+        self.probability.append(
+            float(probability) if isinstance(probability, int | float) else np.nan
+        )
+        self.uuids.append(uuid)
 
 
 def read_dat(path: Path, mpp: float, type_names: dict[str, list[str]]) -> dict[str, Parsed]:
@@ -78,25 +83,32 @@ def _dat_scale(path: Path, resolution, mpp: float) -> float:
     raise UserError(f"{path}: unsupported resolution {resolution!r} (expected mpp or baseline)")
 
 
-def read_geojson(path: Path, table: str | None, tissue_classes: set[str]) -> dict[str, Parsed]:
-    """QuPath or tiatoolbox GeoJSON in level-0 pixels: a FeatureCollection, a list of features
-    or one feature. The table comes from `table`, else a feature's `spatialdb_table` property,
-    else its class name: `*gland*` → gland, `*lumen*` → lumen, a tissue class or a QuPath
-    annotation → tissue_region, anything else → nucleus."""
+def read_features(path: Path) -> list:
+    """The features of a GeoJSON file (plain or gzipped): a FeatureCollection, a list of
+    features or one feature."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        with open(path, "rb") as file:
+            gzipped = file.read(2) == b"\x1f\x8b"
+        with (gzip.open if gzipped else open)(path, "rt", encoding="utf-8") as file:
+            data = json.load(file)
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{path}: not a GeoJSON file ({exc})") from exc
     if isinstance(data, dict) and data.get("type") == "FeatureCollection":
-        features = data.get("features") or []
-    elif isinstance(data, dict) and data.get("type") == "Feature":
-        features = [data]
-    elif isinstance(data, list):
-        features = data
-    else:
-        raise UserError(f"{path}: not a GeoJSON FeatureCollection or list of features")
+        return list(data.get("features") or [])
+    if isinstance(data, dict) and data.get("type") == "Feature":
+        return [data]
+    if isinstance(data, list):
+        return data
+    raise UserError(f"{path}: not a GeoJSON FeatureCollection or list of features")
+
+
+def read_geojson(path: Path, table: str | None, tissue_classes: set[str]) -> dict[str, Parsed]:
+    """QuPath or tiatoolbox GeoJSON in level-0 pixels (see `read_features`). The table comes
+    from `table`, else a feature's `spatialdb_table` property, else its class name: `*gland*`
+    → gland, `*lumen*` → lumen, a tissue class or a QuPath annotation → tissue_region, anything
+    else → nucleus."""
     out = {t: Parsed() for t in OBJECT_TABLES}
-    for n, feature in enumerate(features):
+    for n, feature in enumerate(read_features(path)):
         try:
             geom = shape(feature["geometry"])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

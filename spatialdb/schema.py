@@ -22,10 +22,11 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    SmallInteger,
     Text,
     func,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column
 
 NAMING = {
@@ -233,6 +234,21 @@ class SlideFeature(Base):
     object_counts: Mapped[dict] = mapped_column(JSONB, nullable=False)
     tissue_class_area_um2: Mapped[dict] = mapped_column(JSONB, nullable=False)
     gland_feature_quantiles: Mapped[dict] = mapped_column(JSONB, nullable=False)
+
+
+class ObjectClass(Base):
+    """A class name objects carry, with its display colour (QuPath path class colour)."""
+
+    __tablename__ = "object_class"
+    __table_args__ = (
+        CheckConstraint(
+            "array_length(color, 1) = 3 AND 0 <= ALL(color) AND 255 >= ALL(color)", name="rgb"
+        ),
+    )
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    color: Mapped[list[int]] = mapped_column(ARRAY(SmallInteger), nullable=False)
+    created_at: Mapped[datetime] = _now()
 
 
 #: Tables of derived features, cleared when a slide's run is replaced.

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from spatialdb.cli import db, delete, features, imports, ingest, model, status
+from spatialdb.cli import db, delete, features, imports, ingest, model, qupath, status
 from spatialdb.errors import UserError
 
 
@@ -36,6 +36,8 @@ cli.add_command(delete.delete)
 cli.add_command(ingest.ingest)
 cli.add_command(imports.import_results)
 cli.add_command(features.features)
+cli.add_command(qupath.export_qupath)
+cli.add_command(qupath.import_qupath)
 cli.add_command(model.train)
 cli.add_command(model.evaluate)
 
