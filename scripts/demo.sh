@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: set up, start the embedded PostGIS database, ingest the bundled
 # sample slide with the shipped model (which computes its features), print what was found and
-# export the gland and slide features to out/.
+# export the gland and slide features and the QuPath files to out/, and say how to open the
+# dashboard.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -11,3 +12,5 @@ bash scripts/setup.sh
 mkdir -p out
 .venv/bin/spatialdb features export --level gland --slide CMU-1-Small-Region -o out/gland_features.csv
 .venv/bin/spatialdb features export --level slide --slide CMU-1-Small-Region -o out/slide_features.csv
+.venv/bin/spatialdb export-qupath out/qupath --slide CMU-1-Small-Region
+echo "dashboard: .venv/bin/spatialdb dashboard, then open http://127.0.0.1:8501"

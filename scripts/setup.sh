@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up a fresh Debian/Ubuntu machine: PostgreSQL 15 + PostGIS 3 (apt) and the Python
+# Set up a fresh Debian/Ubuntu machine: PostgreSQL 15 + PostGIS 3 and Chromium (apt) and the Python
 # environment in .venv (torch and tiatoolbox resolved from PyPI). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +8,8 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 need_apt=()
 dpkg -s postgresql-15-postgis-3 >/dev/null 2>&1 || need_apt+=(postgresql-15-postgis-3)
+# Debian's Chromium: the dashboard's browser tests drive it with Playwright (no downloaded browser).
+dpkg -s chromium >/dev/null 2>&1 || need_apt+=(chromium)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing ${need_apt[*]} with apt" >&2

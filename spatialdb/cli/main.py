@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from spatialdb.cli import db, delete, features, imports, ingest, model, qupath, status
+from spatialdb.cli import dashboard, db, delete, features, imports, ingest, model, qupath, status
 from spatialdb.errors import UserError
 
 
@@ -38,6 +38,7 @@ cli.add_command(imports.import_results)
 cli.add_command(features.features)
 cli.add_command(qupath.export_qupath)
 cli.add_command(qupath.import_qupath)
+cli.add_command(dashboard.dashboard)
 cli.add_command(model.train)
 cli.add_command(model.evaluate)
 

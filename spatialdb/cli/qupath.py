@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import click
@@ -15,17 +12,10 @@ from spatialdb.cli.ingest import refresh_features
 from spatialdb.db import connect
 from spatialdb.errors import UserError
 from spatialdb.imports import check_inside, read_features
-from spatialdb.qupath_geojson import (
-    OBJECT_CHOICES,
-    class_colours,
-    import_script,
-    parse_features,
-    stream_features,
-    write_feature_collection,
-)
+from spatialdb.qupath_export import export_slides, object_tables
+from spatialdb.qupath_geojson import OBJECT_CHOICES, parse_features
 from spatialdb.schema import OBJECT_TABLES
 
-SCRIPT_NAME = "import_spatialdb.groovy"
 TISSUE_CLASSES_OF_SLIDE = """
 SELECT class FROM tissue_region WHERE slide_id = :id
 UNION
@@ -47,47 +37,18 @@ FROM run r JOIN model m ON m.id = r.model_id WHERE r.slide_id = :id
 def export_qupath(obj: dict, out_dir: Path, slides, objects: str) -> None:
     """Write slides' objects for QuPath into OUT_DIR: a gzipped QuPath GeoJSON per slide, the
     classes, an import script, and a QuPath project when QuPath is installed."""
-    from spatialdb.qupath_project import qupath_missing, write_project
-
-    tables = _tables(objects)
+    tables = object_tables(objects)
     engine = connect(obj["db_url"])
-    targets = _slides(engine, slides)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".spatialdb-export-", dir=out_dir))
-    raw = engine.raw_connection()
-    try:
-        with raw.cursor() as cur:
-            colours = class_colours(cur, [s["id"] for s in targets], tables)
-        files = {}
-        for slide in targets:
-            name = _file_name(slide, targets)
-            batches = stream_features(raw, slide["id"], tables, colours)
-            count = write_feature_collection(staging / name, batches)
-            files[name] = (slide, count)
-        classes = [{"name": n, "color": c} for n, c in colours.items()]
-        (staging / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
-        (staging / SCRIPT_NAME).write_text(import_script(out_dir))
-        missing = qupath_missing()
-        if missing is None:
-            write_project(
-                staging / "project",
-                targets,
-                colours,
-                lambda s: stream_features(raw, s["id"], tables, colours),
-            )
-        _move_into(staging, out_dir)
-    finally:
-        raw.rollback()
-        raw.close()
-        shutil.rmtree(staging, ignore_errors=True)
-    for name, (slide, count) in files.items():
-        click.echo(f"slide {slide['id']} ({slide['name']}): {count:,} objects -> {out_dir / name}")
-    click.echo(f"{len(colours)} classes -> {out_dir / 'classes.json'}")
-    click.echo(f"QuPath script (Automate > Script editor) -> {out_dir / SCRIPT_NAME}")
-    if missing is None:
-        click.echo(f"QuPath project -> {out_dir / 'project' / 'project.qpproj'}")
+    ids = [find_slide(engine, ref)["id"] for ref in slides] or None
+    result = export_slides(engine, out_dir, ids, tables)
+    for slide, path, count in result.files:
+        click.echo(f"slide {slide['id']} ({slide['name']}): {count:,} objects -> {path}")
+    click.echo(f"{result.classes} classes -> {out_dir / 'classes.json'}")
+    click.echo(f"QuPath script (Automate > Script editor) -> {result.script}")
+    if result.project:
+        click.echo(f"QuPath project -> {result.project}")
     else:
-        click.echo(f"spatialdb: note: no QuPath project written: {missing}", err=True)
+        click.echo(f"spatialdb: note: no QuPath project written: {result.qupath_missing}", err=True)
 
 
 @click.command("import-qupath")
@@ -132,51 +93,3 @@ def import_qupath(obj: dict, source: Path, slide_ref: str) -> None:
         f"{source.name}: curated run {result.run_id} of slide {result.slide_id} ({slide.name}): "
         f"{stored or 'no objects'}{repaired}"
     )
-
-
-def _tables(objects: str) -> list[str]:
-    names = [n.strip() for n in objects.split(",") if n.strip()]
-    unknown = [n for n in names if n not in OBJECT_CHOICES]
-    if unknown or not names:
-        raise UserError(
-            f"--objects: unknown {', '.join(unknown) or 'empty list'} "
-            f"(choose from {', '.join(OBJECT_CHOICES)})"
-        )
-    return [OBJECT_CHOICES[n] for n in dict.fromkeys(names)]
-
-
-def _slides(engine, refs: tuple[str, ...]) -> list[dict]:
-    if refs:
-        found = [find_slide(engine, ref) for ref in refs]
-        ids = list(dict.fromkeys(s["id"] for s in found))
-    else:
-        ids = None
-    with engine.connect() as conn:
-        rows = conn.execute(
-            text(
-                "SELECT id, name, file_path FROM slide WHERE current_run_id IS NOT NULL "
-                "AND (CAST(:ids AS integer[]) IS NULL OR id = ANY(:ids)) ORDER BY id"
-            ),
-            {"ids": ids},
-        ).mappings()
-        slides = [dict(r) for r in rows]
-    if not slides:
-        raise UserError("no slides with objects to export")
-    return slides
-
-
-def _file_name(slide: dict, slides: list[dict]) -> str:
-    """`NAME.geojson.gz` (QuPath's image name without its extension), or `NAME-ID...` when two
-    exported slides share a name."""
-    safe = "".join(c if c.isalnum() or c in "-_. " else "_" for c in slide["name"]) or "slide"
-    shared = sum(s["name"] == slide["name"] for s in slides) > 1
-    return f"{safe}-{slide['id']}.geojson.gz" if shared else f"{safe}.geojson.gz"
-
-
-def _move_into(staging: Path, out_dir: Path) -> None:
-    """Put the finished export in place, replacing files of an earlier export."""
-    for item in staging.iterdir():
-        target = out_dir / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        item.replace(target)

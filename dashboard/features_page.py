@@ -1,0 +1,134 @@
+"""Features page: per-gland distributions and scatter plots, per-class nuclear densities,
+slides compared, and the feature tables to download."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from dashboard.data import Reader
+from spatialdb.feature_export import export
+
+GLAND_FEATURES = (
+    "area_um2", "perimeter_um", "circularity", "solidity", "major_axis_um", "minor_axis_um",
+    "elongation", "nuclei_count", "nuclei_per_1000um2", "nuclear_area_mean_um2",
+    "nuclear_area_median_um2", "lumen_count", "lumen_area_um2", "lumen_to_gland_area_ratio",
+    "nearest_gland_distance_um",
+)  # fmt: skip
+
+
+def render(db: Reader, cohort: pd.DataFrame) -> None:
+    st.title("Features")
+    ready = cohort[cohort["features"]]
+    if ready.empty:
+        st.info("No slide has features yet: run `spatialdb features refresh`.")
+        return
+    labels = {row.id: f"{row.id}: {row.name}" for row in ready.itertuples()}
+    default = [i for i in [st.session_state.get("slide_id")] if i in labels] or list(labels)[:1]
+    chosen = st.multiselect("Slides", list(labels), default=default, format_func=labels.get)
+    if not chosen:
+        st.info("Choose one or more slides.")
+        return
+    glands = db.gland_features(chosen)
+    slides = db.slide_features(chosen)
+    if glands.empty:
+        st.info("The chosen slides have no glands.")
+    else:
+        distributions(glands)
+    nuclear_densities(slides)
+    downloads(db, chosen)
+
+
+def distributions(glands: pd.DataFrame) -> None:
+    left, right = st.columns(2)
+    feature = left.selectbox("Per-gland feature", GLAND_FEATURES, key="feature")
+    histogram = (
+        alt.Chart(glands.dropna(subset=[feature]))
+        .mark_bar(opacity=0.7)
+        .encode(
+            alt.X(f"{feature}:Q", bin=alt.Bin(maxbins=40)),
+            alt.Y("count():Q", stack=None),
+            alt.Color("slide:N"),
+        )
+        .properties(title=f"{feature} per gland", height=300)
+    )
+    left.altair_chart(histogram, width="stretch")
+    box = (
+        alt.Chart(glands.dropna(subset=[feature]))
+        .mark_boxplot()
+        .encode(alt.X("slide:N"), alt.Y(f"{feature}:Q"), alt.Color("slide:N", legend=None))
+        .properties(title="slides compared", height=300)
+    )
+    right.altair_chart(box, width="stretch")
+    a, b = st.columns(2)
+    x = a.selectbox("Scatter x", GLAND_FEATURES, index=0, key="scatter_x")
+    y = b.selectbox("Scatter y", GLAND_FEATURES, index=7, key="scatter_y")
+    points = glands.dropna(subset=[x, y])
+    if len(points) > 20_000:
+        points = points.sample(20_000, random_state=0)
+    scatter = (
+        alt.Chart(points)
+        .mark_circle(size=14, opacity=0.5)
+        .encode(
+            alt.X(f"{x}:Q"), alt.Y(f"{y}:Q"), alt.Color("slide:N"), tooltip=["slide", "gland_id"]
+        )
+        .properties(title=f"{y} against {x}", height=350)
+    )
+    st.altair_chart(scatter, width="stretch")
+
+
+def nuclear_densities(slides: pd.DataFrame) -> None:
+    """Nuclei per 1000 µm² of tissue, per nuclear class and slide."""
+    rows = []
+    for slide in slides.itertuples():
+        for cls, n in (slide.object_counts.get("nucleus") or {}).items():
+            if slide.tissue_area_um2 > 0:
+                rows.append(
+                    {
+                        "slide": slide.slide,
+                        "class": cls,
+                        "per_1000um2": 1000 * n / slide.tissue_area_um2,
+                    }
+                )
+    if not rows:
+        st.caption("No tissue regions: nuclear densities per class need them.")
+        return
+    chart = (
+        alt.Chart(pd.DataFrame(rows))
+        .mark_bar()
+        .encode(alt.X("class:N"), alt.Y("per_1000um2:Q", title="nuclei per 1000 µm² of tissue"),
+                alt.Color("slide:N"), alt.XOffset("slide:N"))
+        .properties(title="nuclear density per class", height=300)
+    )  # fmt: skip
+    st.altair_chart(chart, width="stretch")
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def table_bytes(_db: Reader, key: tuple, level: str, fmt: str) -> bytes:
+    """A feature table as the CLI exports it (`spatialdb features export`), as bytes."""
+    slide_ids, _runs = key
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / f"{level}.{fmt}"
+        export(_db.engine, level, fmt, out, list(slide_ids))
+        return out.read_bytes()
+
+
+def downloads(db: Reader, chosen: list[int]) -> None:
+    st.subheader("Download")
+    key = (tuple(chosen), tuple(db.cohort().set_index("id").loc[chosen, "run_id"]))
+    columns = st.columns(4)
+    for column, (level, fmt) in zip(
+        columns,
+        [("gland", "csv"), ("gland", "parquet"), ("slide", "csv"), ("slide", "parquet")],
+        strict=True,
+    ):
+        column.download_button(
+            f"{level} features ({fmt})",
+            data=table_bytes(db, key, level, fmt),
+            file_name=f"{level}_features.{fmt}",
+            key=f"download_{level}_{fmt}",
+        )

@@ -1,0 +1,36 @@
+"""`spatialdb dashboard`: the Streamlit dashboard on the database in use (read-only)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from spatialdb.db import connect, redact, resolve_url
+
+APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
+
+
+@click.command()
+@click.option("--address", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=8501, show_default=True, type=int)
+@click.pass_obj
+def dashboard(obj: dict, address: str, port: int) -> int:
+    """Serve the dashboard (cohort, slide viewer, features, QuPath export) until Ctrl+C."""
+    from dashboard.data import ENV_URL
+
+    url, _ = resolve_url(obj["db_url"])
+    connect(url).dispose()  # one clear line now if the database is unusable
+    click.echo(f"dashboard on {redact(url)}: open http://{address}:{port} (Ctrl+C stops it)")
+    command = [
+        sys.executable, "-m", "streamlit", "run", str(APP),
+        "--server.address", address, "--server.port", str(port), "--server.headless", "true",
+        "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+    ]  # fmt: skip
+    try:
+        return subprocess.call(command, env={**os.environ, ENV_URL: url})
+    except KeyboardInterrupt:
+        return 0
