@@ -13,7 +13,7 @@ COLUMNS = {
     "gland_area_fraction": "gland area / tissue",
     "nuclei_per_1000um2_in_glands": "nuclei per 1000 µm² in glands",
     "nuclei_per_1000um2_in_stroma": "nuclei per 1000 µm² in stroma",
-    "median_gland_area_um2": "median gland area µm²",
+    "median_gland_area_um2": "median gland area µm²", "prediction": "latest slide-level prediction",
 }  # fmt: skip
 
 

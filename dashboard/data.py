@@ -29,6 +29,10 @@ SELECT s.id, s.name, s.status, r.kind AS run_kind, m.name AS model,
        f.run_id IS NOT NULL AND f.run_id = s.current_run_id AS features,
        f.gland_area_fraction, f.nuclei_per_1000um2_in_glands, f.nuclei_per_1000um2_in_stroma,
        f.gland_feature_quantiles -> 'area_um2' ->> 'q50' AS median_gland_area_um2,
+       (SELECT p.target || ': ' || coalesce(p.label || ' (p = ' || round(p.value::numeric, 2) || ')',
+                                            round(p.value::numeric, 3)::text)
+        FROM slide_prediction p WHERE p.slide_id = s.id
+        ORDER BY p.created_at DESC LIMIT 1) AS prediction,
        s.width, s.height, s.mpp_x, s.file_path, s.current_run_id AS run_id, r.finished_at
 FROM slide s
 LEFT JOIN run r ON r.id = s.current_run_id

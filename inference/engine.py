@@ -22,7 +22,8 @@ from tiatoolbox.models import WSIPatchDataset
 from tiatoolbox.models.models_abc import ModelABC
 
 from inference import tiling
-from inference.network import CerberusNet
+from inference.compress import place, tile_embeddings
+from inference.network import BOTTLENECK, CerberusNet
 from inference.predict import POSTPROCESS, autocast
 from inference.slide import TissueMask
 from inference.weights import WeightsInfo
@@ -34,16 +35,18 @@ TASKS = ("Gland", "Lumen", "Nuclei", "Nuclei#TYPE", "Patch-Class")
 
 class CerberusModel(ModelABC):
     """A `CerberusNet` as a tiatoolbox model. `infer_batch` returns softmax probabilities: one
-    NHWC float16 array per spatial head (`SPATIAL_HEADS`), then the (N, 9) tissue-class vector."""
+    NHWC float16 array per spatial head (`SPATIAL_HEADS`), then the (N, 9) tissue-class vector,
+    and with `embeddings` the tiles' NIC cell embeddings (N, C, k, k)."""
 
-    def __init__(self, net: CerberusNet, info: WeightsInfo):
+    def __init__(self, net: CerberusNet, info: WeightsInfo, *, embeddings: bool = False):
         super().__init__()
         self.net = net
         self.info = info
         self.class_dict = dict(enumerate(info.classes["Patch-Class"]))
+        self.tasks = (*TASKS, BOTTLENECK) if embeddings else TASKS
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.net(images, tasks=TASKS)
+        return self.net(images, tasks=self.tasks)
 
     @staticmethod
     def infer_batch(model, batch_data, *, device: str) -> tuple[np.ndarray, ...]:
@@ -59,7 +62,10 @@ class CerberusModel(ModelABC):
             for name in SPATIAL_HEADS
         ]
         patch = out["Patch-Class"].float().softmax(dim=1)
-        return (*(h.half().cpu().numpy() for h in heads), patch.cpu().numpy())
+        arrays = (*(h.half().cpu().numpy() for h in heads), patch.cpu().numpy())
+        if BOTTLENECK in out:  # NIC cell embeddings of each tile, (N, C, k, k)
+            arrays += (tile_embeddings(model.net, out[BOTTLENECK]).float().cpu().numpy(),)
+        return arrays
 
 
 def segment_slide(
@@ -73,12 +79,15 @@ def segment_slide(
     timings: dict | None = None,
     progress=None,
     region_tiles: int = tiling.REGION_TILES,
+    embeddings: np.ndarray | None = None,
 ) -> Iterator[tiling.Objects]:
     """Nuclei, glands, lumina (per region, as they are finished) and then tissue regions of a
     slide, as polygons in level-0 pixels. `workers` post-processing processes (default: one per
     core; 0 = in this process). `timings` receives seconds per phase (`read`, `infer`, `wait`
     for post-processing, and `postprocess`, summed over workers); `progress(done, total)` is
-    called after each batch of tiles. `region_tiles` sets the post-processing regions' size."""
+    called after each batch of tiles. `region_tiles` sets the post-processing regions' size.
+    `embeddings` (an `inference.compress.empty_grid`, with a model made with `embeddings=True`)
+    receives the slide's NIC grid from the same forward passes."""
     timings = timings if timings is not None else {}
     for phase in ("read", "infer", "postprocess", "wait"):
         timings.setdefault(phase, 0.0)
@@ -130,10 +139,13 @@ def segment_slide(
                 if batch is None:
                     break
                 started = time.perf_counter()
-                *heads, classes = CerberusModel.infer_batch(model, batch["image"], device=device)
+                out = CerberusModel.infer_batch(model, batch["image"], device=device)
+                heads, classes = out[: len(SPATIAL_HEADS)], out[len(SPATIAL_HEADS)]
                 timings["infer"] += time.perf_counter() - started
                 for i, (x0, y0, _, _) in enumerate(batch["output_locs"].numpy()):
                     rc = (int(y0) // grid.tile, int(x0) // grid.tile)
+                    if embeddings is not None:
+                        place(embeddings, rc, out[len(SPATIAL_HEADS) + 1][i])
                     maps = {
                         name: head[i].transpose(2, 0, 1)
                         for name, head in zip(SPATIAL_HEADS, heads, strict=True)

@@ -26,6 +26,8 @@ DECODERS = {
     "Nuclei#TYPE": ("TYPE", 7),
 }
 PATCH_HEAD = "Patch-Class"
+#: Asked for as a task, the encoder's last feature map is returned too (for compression).
+BOTTLENECK = "Bottleneck"
 
 NUCLEUS_TYPES = (
     "nolabel",
@@ -236,6 +238,8 @@ class CerberusNet(nn.Module):
                 if logits.shape[-2:] != size:  # strided stems decode below input resolution
                     logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
                 out[f"{name.split('#')[0]}-{head}"] = logits
+        if tasks is not None and BOTTLENECK in tasks:
+            out[BOTTLENECK] = feats[-1]
         if tasks is None or PATCH_HEAD in tasks:
             centre = _crop_centre(feats[-1], self.preset.patch_cells)
             pooled = F.adaptive_avg_pool2d(centre, 1)

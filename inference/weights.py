@@ -183,3 +183,25 @@ def update(path: str | Path, **fields) -> None:
     partial = path.with_name(path.name + ".partial")
     torch.save(payload, partial)
     partial.replace(path)
+
+
+def random_weights(preset: Preset, seed: int = 0) -> tuple[CerberusNet, WeightsInfo]:
+    """An untrained network of `preset` (the baseline of slide-level learning), seeded."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        net = build(preset).eval()
+    finally:
+        torch.random.set_rng_state(generator_state)
+    info = WeightsInfo(
+        preset=preset,
+        sha256=parameters_hash(net.state_dict()),
+        classes=_class_names(),
+        training={"source": f"random initialisation, seed {seed}"},
+    )
+    return net, info
+
+
+def default_sha256() -> str:
+    """The parameter hash of the shipped weights."""
+    return read(DEFAULT_WEIGHTS)[0].sha256

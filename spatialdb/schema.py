@@ -21,6 +21,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     SmallInteger,
     Text,
@@ -248,6 +249,51 @@ class ObjectClass(Base):
 
     name: Mapped[str] = mapped_column(Text, primary_key=True)
     color: Mapped[list[int]] = mapped_column(ARRAY(SmallInteger), nullable=False)
+    created_at: Mapped[datetime] = _now()
+
+
+class SlideEmbedding(Base):
+    """A slide compressed into a grid of encoder embeddings (Neural Image Compression): raw
+    little-endian arrays of `rows` x `cols` x `channels` (`dtype`) and a `rows` x `cols` tissue
+    mask (uint8), one per slide and encoder."""
+
+    __tablename__ = "slide_embedding"
+    __table_args__ = (CheckConstraint("rows > 0 AND cols > 0 AND channels > 0", name="shape"),)
+
+    slide_id: Mapped[int] = mapped_column(
+        ForeignKey("slide.id", ondelete="CASCADE"), primary_key=True
+    )
+    encoder_sha256: Mapped[str] = mapped_column(Text, primary_key=True)
+    encoder: Mapped[str] = mapped_column(Text, nullable=False)
+    source_run_id: Mapped[int | None] = mapped_column(ForeignKey("run.id", ondelete="SET NULL"))
+    mpp: Mapped[float] = mapped_column(Double, nullable=False)
+    cell_px: Mapped[int] = mapped_column(Integer, nullable=False)
+    rows: Mapped[int] = mapped_column(Integer, nullable=False)
+    cols: Mapped[int] = mapped_column(Integer, nullable=False)
+    channels: Mapped[int] = mapped_column(Integer, nullable=False)
+    dtype: Mapped[str] = mapped_column(Text, nullable=False)
+    tissue_cells: Mapped[int] = mapped_column(Integer, nullable=False)
+    embeddings: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    tissue: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    created_at: Mapped[datetime] = _now()
+
+
+class SlidePrediction(Base):
+    """A slide-level model's prediction for a slide: a class probability or a value."""
+
+    __tablename__ = "slide_prediction"
+    __table_args__ = (CheckConstraint("task IN ('classification', 'regression')", name="task"),)
+
+    slide_id: Mapped[int] = mapped_column(
+        ForeignKey("slide.id", ondelete="CASCADE"), primary_key=True
+    )
+    model_sha256: Mapped[str] = mapped_column(Text, primary_key=True)
+    model_name: Mapped[str] = mapped_column(Text, nullable=False)
+    target: Mapped[str] = mapped_column(Text, nullable=False)
+    task: Mapped[str] = mapped_column(Text, nullable=False)
+    value: Mapped[float] = mapped_column(Double, nullable=False)
+    label: Mapped[str | None] = mapped_column(Text)
+    details: Mapped[dict] = mapped_column(JSONB, nullable=False, server_default="{}")
     created_at: Mapped[datetime] = _now()
 
 

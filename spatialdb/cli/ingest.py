@@ -73,20 +73,26 @@ def slide_paths(arguments: tuple[str, ...]) -> list[Path]:
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--batch-size", default=8, show_default=True, help="Patches per forward pass.")
 @click.option(
+    "--compress",
+    "compress_slides",
+    is_flag=True,
+    help="Also store each slide's NIC grid of encoder embeddings (same forward passes).",
+)
+@click.option(
     "--workers",
     type=int,
     default=None,
     help="Post-processing processes (default: one per core; 0 = in the main process).",
 )
 @click.pass_obj
-def ingest(obj: dict, slides, mpp, force, weights, device, batch_size, workers) -> int:
+def ingest(obj: dict, slides, mpp, force, weights, device, batch_size, compress_slides, workers):
     """Segment SLIDES (files, directories or globs) and store their objects, one atomic run per
     slide. Slides already stored with the same content and model are skipped unless --force."""
     paths = slide_paths(slides)
     if not paths:
         raise UserError("no slides found in " + " ".join(slides))
     engine = connect(obj["db_url"])
-    model = _load_model(weights, device)
+    model = _load_model(weights, device, embeddings=compress_slides)
     outcomes = []
     for path in paths:
         try:
@@ -99,6 +105,7 @@ def ingest(obj: dict, slides, mpp, force, weights, device, batch_size, workers) 
                 device=device,
                 batch_size=batch_size,
                 workers=workers,
+                compress=compress_slides,
             )
         except UserError as exc:
             outcome = Outcome(path, "failed", str(exc))
@@ -114,10 +121,11 @@ def ingest(obj: dict, slides, mpp, force, weights, device, batch_size, workers) 
     return 1 if failed else 0
 
 
-def _load_model(weights: str | None, device: str):
+def _load_model(weights: str | None, device: str, *, embeddings: bool = False):
     import torch
 
     from inference import weights as weights_io
+    from inference.compress import CompressError, cells_per_tile
     from inference.engine import CerberusModel
 
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -126,7 +134,13 @@ def _load_model(weights: str | None, device: str):
         net, info = weights_io.load(weights or weights_io.DEFAULT_WEIGHTS)
     except (weights_io.WeightsError, OSError) as exc:
         raise UserError(f"weights: {exc}") from exc
-    return CerberusModel(net.to(device), info), Path(weights or weights_io.DEFAULT_WEIGHTS)
+    if embeddings:
+        try:
+            cells_per_tile(info.preset)
+        except CompressError as exc:
+            raise UserError(f"--compress: {exc}") from exc
+    model = CerberusModel(net.to(device), info, embeddings=embeddings)
+    return model, Path(weights or weights_io.DEFAULT_WEIGHTS)
 
 
 def ingest_slide(
@@ -139,6 +153,7 @@ def ingest_slide(
     device: str = "cpu",
     batch_size: int = 8,
     workers: int | None = None,
+    compress: bool = False,
 ) -> Outcome:
     """Ingest one slide; `model` is `(CerberusModel, weights path)`. Raises `UserError` for a
     file that is not a usable slide; nothing is stored then."""
@@ -177,6 +192,12 @@ def ingest_slide(
     )
     parameters = {"device": device, "batch_size": batch_size, "mpp_override": mpp}
     progress = _Progress(path.name)
+    grid = None
+    if compress:
+        from inference.compress import empty_grid
+
+        w, h = reader.slide_dimensions(resolution=info.preset.mpp, units="mpp")
+        grid = empty_grid((int(h), int(w)), info.preset.widths[-1])
     with RunWriter(engine, slide, model=record, parameters=parameters) as run:
         buffers: dict[str, list] = {table: [] for table in TASK_TABLES.values()}
         load = 0.0
@@ -189,6 +210,7 @@ def ingest_slide(
             workers=workers,
             timings=timings,
             progress=progress,
+            embeddings=grid,
         ):
             table = TASK_TABLES[objects.task]
             buffers[table].append(objects)
@@ -203,6 +225,8 @@ def ingest_slide(
         result = run.commit({**phase, "load": round(load, 3)})
         phase["load"] = load + time.perf_counter() - started
     phase["features"] = refresh_features(engine, result.slide_id, path)
+    if grid is not None:
+        _store_grid(engine, result, reader, mask, network, weights_path, grid)
     phase["total"] = time.perf_counter() - begun
     message = "" if mask.mask.any() else "no tissue found: stored with zero objects"
     return Outcome(
@@ -214,6 +238,20 @@ def ingest_slide(
         timings=phase,
         tissue_mm2=mask.area_mm2,
     )
+
+
+def _store_grid(engine, result, reader, mask, network, weights_path: Path, grid) -> None:
+    """The slide's NIC grid from the ingest's own forward passes, cells without tissue zeroed."""
+    from inference.compress import CELL_PX, tissue_cells
+    from spatialdb.embeddings import store_grid
+
+    tissue = tissue_cells(reader, mask, network.info.preset)
+    grid[~tissue] = 0
+    store_grid(
+        engine, result.slide_id, grid, tissue, encoder=weights_path.name,
+        encoder_sha256=network.info.sha256, mpp=network.info.preset.mpp, cell_px=CELL_PX,
+        source_run_id=result.run_id,
+    )  # fmt: skip
 
 
 def refresh_features(engine, slide_id: int, source: Path) -> float:

@@ -7,7 +7,19 @@ import sys
 
 import click
 
-from spatialdb.cli import dashboard, db, delete, features, imports, ingest, model, qupath, status
+from spatialdb.cli import (
+    compress,
+    dashboard,
+    db,
+    delete,
+    features,
+    imports,
+    ingest,
+    model,
+    qupath,
+    slide_model,
+    status,
+)
 from spatialdb.errors import UserError
 
 
@@ -27,8 +39,19 @@ def cli(ctx: click.Context, db_url: str | None, verbose: bool) -> None:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_quiet_tiatoolbox)
     ctx.obj = {"db_url": db_url}
 
+
+def _quiet_tiatoolbox(record: logging.LogRecord) -> bool:
+    """tiatoolbox warns on every read of a plain image given --mpp; the user can do nothing
+    about those warnings, so they are shown with --verbose only."""
+    return not record.getMessage().startswith(TIATOOLBOX_NOISE)
+
+
+TIATOOLBOX_NOISE = ("Read: Scale > 1", "Raw data is None", "Unknown scale")
 
 cli.add_command(db.db)
 cli.add_command(status.status)
@@ -39,6 +62,8 @@ cli.add_command(features.features)
 cli.add_command(qupath.export_qupath)
 cli.add_command(qupath.import_qupath)
 cli.add_command(dashboard.dashboard)
+cli.add_command(compress.compress)
+cli.add_command(slide_model.slide_model)
 cli.add_command(model.train)
 cli.add_command(model.evaluate)
 
