@@ -159,6 +159,28 @@ def fit(
     return model
 
 
+def fold_indices(
+    targets: list, task: str, folds: int, seed: int, groups: list | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) index pairs: stratified for classification; with `groups` (e.g. patients)
+    no group is split between train and test."""
+    from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
+
+    if task == "classification":
+        splitter = (
+            StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
+            if groups is not None
+            else StratifiedKFold(folds, shuffle=True, random_state=seed)
+        )
+    else:
+        splitter = (
+            GroupKFold(folds)
+            if groups is not None
+            else KFold(folds, shuffle=True, random_state=seed)
+        )
+    return list(splitter.split(np.zeros(len(targets)), targets, groups))
+
+
 def cross_validate(
     grids: list[np.ndarray],
     masks: list[np.ndarray],
@@ -166,19 +188,13 @@ def cross_validate(
     task: str,
     folds: int = 5,
     settings: Settings | None = None,
+    groups: list | None = None,
 ) -> tuple[np.ndarray, dict]:
-    """Out-of-fold predictions (stratified folds for classification) and their metrics."""
-    from sklearn.model_selection import KFold, StratifiedKFold
-
+    """Out-of-fold predictions and their metrics, over `fold_indices` folds."""
     settings = settings or Settings()
-    splitter = (
-        StratifiedKFold(folds, shuffle=True, random_state=settings.seed)
-        if task == "classification"
-        else KFold(folds, shuffle=True, random_state=settings.seed)
-    )
     labels = [str(t) for t in targets] if task == "classification" else targets
     out_of_fold = None
-    for train, test in splitter.split(np.zeros(len(targets)), labels):
+    for train, test in fold_indices(labels, task, folds, settings.seed, groups):
         model = fit(
             [grids[i] for i in train], [masks[i] for i in train], [targets[i] for i in train],
             task, settings,

@@ -133,6 +133,18 @@ def test_the_cnn_learns_a_label_that_is_in_the_grid():
     assert chance["auc"] < 0.8
 
 
+def test_folds_never_split_a_patient():
+    labels = ["benign", "malignant"] * 15
+    patients = [k // 3 for k in range(30)]  # three slides per patient
+    for task in ("classification", "regression"):
+        targets = labels if task == "classification" else list(range(30))
+        splits = slide_model.fold_indices(targets, task, 5, seed=0, groups=patients)
+        assert len(splits) == 5
+        assert sorted(np.concatenate([test for _, test in splits])) == list(range(30))
+        for train, test in splits:
+            assert not {patients[i] for i in train} & {patients[i] for i in test}
+
+
 def test_regression_targets_are_learned_too():
     grids, masks, _ = synthetic_grids(40)
     values = [
@@ -160,11 +172,15 @@ def test_train_and_predict_commands_store_predictions(engine, cli_env, tmp_path)
                 cell_px=128,
             )  # fmt: skip
     csv = tmp_path / "labels.csv"
-    csv.write_text("slide,grade\n" + "".join(f"s{k:02d},{lab}\n" for k, lab in enumerate(labels)))
+    csv.write_text(  # GlaS-style header: spaces after the commas, patients of two slides
+        "slide, grade, patient\n"
+        + "".join(f"s{k:02d}, {lab}, p{k // 2}\n" for k, lab in enumerate(labels))
+    )
     model_file = tmp_path / "grade.pt"
     trained = spatialdb(
         "slide-model", "train", "--labels", str(csv), "--target", "grade", "--encoder", "feed",
-        "--folds", "4", "--epochs", "30", "-o", str(model_file), env=cli_env,
+        "--group-column", "patient", "--folds", "4", "--epochs", "30", "-o", str(model_file),
+        env=cli_env,
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr
     assert "grade (classification), 20 slides, 4-fold CV: auc" in trained.stdout

@@ -18,30 +18,33 @@ def slide_model() -> None:
     """Learn slide-level targets on compressed slides (see `spatialdb compress`)."""
 
 
-def read_labels(path: Path, id_column: str | None, target: str):
+def read_labels(path: Path, id_column: str | None, columns: list[str]) -> dict[str, tuple]:
+    """{slide name or id: (value of each column)} for the rows that have them all."""
     import pandas as pd
 
     try:
-        table = pd.read_csv(path)
+        table = pd.read_csv(path, skipinitialspace=True)
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: not a readable CSV file ({exc})") from exc
+    table.columns = [str(c).strip() for c in table.columns]
     id_column = id_column or table.columns[0]
-    for column in (id_column, target):
+    for column in (id_column, *columns):
         if column not in table.columns:
             raise UserError(f"{path}: no column {column!r} (it has: {', '.join(table.columns)})")
-    table = table[[id_column, target]].dropna()
-    return dict(zip(table[id_column].astype(str), table[target], strict=True))
+    table = table[[id_column, *columns]].dropna()
+    keys = table[id_column].astype(str)
+    return dict(zip(keys, zip(*(table[c] for c in columns), strict=True), strict=True))
 
 
 def labelled(grids, labels: dict) -> tuple[list, list]:
-    """The grids whose slide (by name or id) has a label, and those labels."""
-    chosen, targets = [], []
+    """The grids whose slide (by name or id) has labels, and those labels."""
+    chosen, values = [], []
     for grid in grids:
         key = grid.slide_name if grid.slide_name in labels else str(grid.slide_id)
         if key in labels:
             chosen.append(grid)
-            targets.append(labels[key])
-    return chosen, targets
+            values.append(labels[key])
+    return chosen, values
 
 
 def task_of(targets: list, task: str) -> str:
@@ -60,6 +63,10 @@ def describe(metrics: dict) -> str:
 @click.option("--target", required=True, help="The label column to learn.")
 @click.option("--id-column", help="Column of slide names or ids (default: the first).")
 @click.option(
+    "--group-column",
+    help="Keep the slides of one group (e.g. a patient ID) in the same fold.",
+)
+@click.option(
     "--task", type=click.Choice(["auto", "classification", "regression"]), default="auto",
     show_default=True,
 )  # fmt: skip
@@ -75,16 +82,21 @@ def describe(metrics: dict) -> str:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path))
 @click.pass_obj
 def train(
-    obj, labels_path, target, id_column, task, encoder, baseline, folds, epochs, seed, output
-):
+    obj, labels_path, target, id_column, group_column, task, encoder, baseline, folds, epochs,
+    seed, output,
+):  # fmt: skip
     """Cross-validate a CNN over the grids on a CSV of labels, then train it on all of them."""
     from inference import slide_model
     from inference.weights import default_sha256
 
     engine = connect(obj["db_url"])
-    labels = read_labels(labels_path, id_column, target)
+    labels = read_labels(
+        labels_path, id_column, [target, *([group_column] if group_column else [])]
+    )
     sha = resolve_encoder(engine, encoder, default_sha256())
-    grids, targets = labelled(load_grids(engine, sha), labels)
+    grids, values = labelled(load_grids(engine, sha), labels)
+    targets = [v[0] for v in values]
+    groups = [v[1] for v in values] if group_column else None
     if len(grids) < folds * 2:
         raise UserError(
             f"only {len(grids)} compressed slide(s) have a {target!r} label; "
@@ -93,7 +105,7 @@ def train(
     task = task_of(targets, task)
     settings = slide_model.Settings(epochs=epochs, seed=seed)
     embeddings, masks = [g.embeddings for g in grids], [g.tissue for g in grids]
-    _, cv = slide_model.cross_validate(embeddings, masks, targets, task, folds, settings)
+    _, cv = slide_model.cross_validate(embeddings, masks, targets, task, folds, settings, groups)
     click.echo(
         f"{target} ({task}), {len(grids)} slides, {folds}-fold CV: {describe(cv)} "
         f"[{grids[0].encoder}]"
@@ -106,17 +118,14 @@ def train(
                 "spatialdb: note: no baseline: compress the slides with --random-encoder", err=True
             )
         else:
-            base, base_targets = labelled(
+            base, base_values = labelled(
                 load_grids(engine, random_sha, [g.slide_id for g in grids]), labels
             )
             _, base_cv = slide_model.cross_validate(
-                [g.embeddings for g in base],
-                [g.tissue for g in base],
-                base_targets,
-                task,
-                folds,
-                settings,
-            )
+                [g.embeddings for g in base], [g.tissue for g in base],
+                [v[0] for v in base_values], task, folds, settings,
+                [v[1] for v in base_values] if group_column else None,
+            )  # fmt: skip
             result["baseline_cv"] = base_cv
             click.echo(
                 f"baseline, same CNN on {base[0].encoder} grids of {len(base)} slides: "
