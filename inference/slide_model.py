@@ -119,7 +119,8 @@ def fit(
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     cells = np.concatenate([g[m] for g, m in zip(grids, masks, strict=True)]).astype(np.float32)
-    mean, std = cells.mean(0), cells.std(0) + 1e-3
+    mean, std = cells.mean(0), cells.std(0)
+    std[std <= 1e-6 * max(float(np.abs(cells).max()), 1e-30)] = 1.0  # constant channels stay 0
     classes: list[str] = []
     if task == "classification":
         classes = sorted({str(t) for t in targets})
