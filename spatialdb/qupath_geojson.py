@@ -22,7 +22,7 @@ from queue import Queue
 from psycopg2 import sql
 
 from spatialdb.errors import UserError
-from spatialdb.imports import Parsed
+from spatialdb.imports import Parsed, read_geometry
 
 #: `--objects` names and the tables they export.
 OBJECT_CHOICES = {
@@ -223,14 +223,14 @@ def parse_features(
     Detections (and cells, by their nucleus) are nuclei; annotations are tissue regions when
     their class is a tissue class, lumina when it names a lumen, and glands otherwise.
     """
-    from shapely.geometry import shape
-
     out = {table: Parsed() for table in OBJECT_TYPES}
     colours: dict[str, list[int]] = {}
     for n, feature in enumerate(features):
         if not isinstance(feature, dict):
             raise UserError(f"{source}: feature {n} is not a GeoJSON feature")
         props = feature.get("properties") or {}
+        if not isinstance(props, dict):
+            raise UserError(f"{source}: feature {n}: properties are not a JSON object")
         kind = props.get("objectType") or props.get("object_type") or "annotation"
         if kind not in ("detection", "cell", "annotation"):
             raise UserError(
@@ -240,14 +240,12 @@ def parse_features(
         geometry = feature.get("geometry")
         if kind == "cell" and props.get("nucleusGeometry"):
             geometry = props["nucleusGeometry"]
-        try:
-            geom = shape(geometry)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise UserError(f"{source}: feature {n}: no usable geometry") from exc
+        geom = read_geometry(source, n, geometry)
         if geom.geom_type not in ("Polygon", "MultiPolygon"):
             raise UserError(f"{source}: feature {n}: a {geom.geom_type} has no area to store")
         classification = props.get("classification") or {}
         name = classification.get("name") if isinstance(classification, dict) else None
+        name = name if isinstance(name, str) and name else None
         table = _table(kind, name, tissue_classes)
         name = name or table
         colour = classification.get("color") if isinstance(classification, dict) else None

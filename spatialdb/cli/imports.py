@@ -10,7 +10,7 @@ from spatialdb.catalog import fingerprint
 from spatialdb.cli.ingest import open_reader, refresh_features, slide_record
 from spatialdb.db import connect
 from spatialdb.errors import UserError
-from spatialdb.imports import check_inside, read_dat, read_geojson
+from spatialdb.imports import fit_note, fit_to_slide, read_dat, read_geojson
 from spatialdb.schema import OBJECT_TABLES
 
 
@@ -50,7 +50,7 @@ def import_results(obj: dict, results: Path, slide_path: Path, mpp, table) -> No
         parsed = read_geojson(results, table, set(TISSUE_CLASSES))
     else:
         raise UserError(f"{results}: expected a Cerberus .dat or a .geojson/.json file")
-    check_inside(results, parsed, width, height)
+    fitted = fit_to_slide(results, parsed, width, height)
 
     slide = slide_record(slide_path, reader, fingerprint(slide_path))
     parameters = {"source": str(results.resolve()), "format": kind}
@@ -64,5 +64,5 @@ def import_results(obj: dict, results: Path, slide_path: Path, mpp, table) -> No
     stored = ", ".join(f"{t} {result.total(t):,}" for t in OBJECT_TABLES if result.total(t))
     click.echo(
         f"{results.name}: imported into slide {result.slide_id} ({slide.name}), run "
-        f"{result.run_id}: {stored or 'no objects'}"
+        f"{result.run_id}: {stored or 'no objects'}{fit_note(fitted)}"
     )

@@ -268,13 +268,28 @@ def refresh_features(engine, slide_id: int, source: Path) -> float:
 
 
 def open_reader(path: Path, mpp: float | None):
-    """The slide's tiatoolbox reader; `UserError` with one line if it is not a usable slide."""
-    from inference.slide import SlideError, open_slide
+    """The slide's tiatoolbox reader; `UserError` with one line if it is not a usable slide.
+
+    A slide is refused when the level its tissue thumbnail is read from (the coarsest level at
+    least as fine as `MASK_MPP`) has more than 2^30 pixels: without a pyramid that small, finding
+    its tissue would decode the level whole (a 10^6 x 10^6 px TIFF: 3 TB)."""
+    from inference.slide import MASK_MPP, SlideError, open_slide
 
     try:
-        return open_slide(path, mpp)
+        reader = open_slide(path, mpp)
     except SlideError as exc:
         raise UserError(str(exc)) from exc
+    except ZeroDivisionError as exc:  # tiatoolbox divides by the file's resolution tags
+        raise UserError(f"{path}: not a readable slide (its resolution tags are zero)") from exc
+    info = reader.info
+    finer = [k for k, d in enumerate(info.level_downsamples) if d * max(info.mpp) <= MASK_MPP]
+    width, height = info.level_dimensions[finer[-1] if finer else 0]
+    if width * height > 2**30:
+        raise UserError(
+            f"{path}: {int(width):,} x {int(height):,} px without a smaller pyramid level is "
+            "too large to read (at most 2^30 px in the level read for the tissue thumbnail)"
+        )
+    return reader
 
 
 def slide_record(path: Path, reader, content: str) -> SlideRecord:

@@ -11,7 +11,7 @@ from spatialdb.catalog import find_slide, save_class_colours, stored_slide
 from spatialdb.cli.ingest import refresh_features
 from spatialdb.db import connect
 from spatialdb.errors import UserError
-from spatialdb.imports import check_inside, read_features
+from spatialdb.imports import fit_note, fit_to_slide, read_features
 from spatialdb.qupath_export import export_slides, object_tables
 from spatialdb.qupath_geojson import OBJECT_CHOICES, parse_features
 from spatialdb.schema import OBJECT_TABLES
@@ -79,7 +79,7 @@ def import_qupath(obj: dict, source: Path, slide_ref: str) -> None:
         rows = conn.execute(text(TISSUE_CLASSES_OF_SLIDE), {"id": slide_id})
         tissue_classes = {r[0] for r in rows}
     parsed, colours = parse_features(str(source), features, tissue_classes)
-    check_inside(source, parsed, slide.width, slide.height)
+    fitted = fit_to_slide(source, parsed, slide.width, slide.height)
     parameters = {"source": str(source.resolve()), "format": kind}
     with RunWriter(engine, slide, kind="curated", parameters=parameters) as run:
         for table, objects in parsed.items():
@@ -88,8 +88,7 @@ def import_qupath(obj: dict, source: Path, slide_ref: str) -> None:
     save_class_colours(engine, colours)
     refresh_features(engine, result.slide_id, source)
     stored = ", ".join(f"{t} {result.total(t):,}" for t in OBJECT_TABLES if result.total(t))
-    repaired = f"; {result.repaired} repaired, {result.dropped} dropped" if result.repaired else ""
     click.echo(
         f"{source.name}: curated run {result.run_id} of slide {result.slide_id} ({slide.name}): "
-        f"{stored or 'no objects'}{repaired}"
+        f"{stored or 'no objects'}{fit_note(fitted)}"
     )
