@@ -2,6 +2,7 @@
 
 import click
 
+from spatialdb.citus import distribute, require_citus
 from spatialdb.config import home_dir
 from spatialdb.db import connect, current_revision, redact, resolve_url
 from spatialdb.embedded import EmbeddedCluster
@@ -13,12 +14,21 @@ def db() -> None:
 
 
 @db.command()
+@click.option(
+    "--citus",
+    is_flag=True,
+    help="Then distribute the tables by slide with Citus (needs the citus extension).",
+)
 @click.pass_obj
-def upgrade(obj: dict) -> None:
+def upgrade(obj: dict, citus: bool) -> None:
     """Migrate the database to the current schema (creates PostGIS if allowed)."""
+    if citus:
+        require_citus(obj["db_url"])
     engine = connect(obj["db_url"], migrate=True)
     url = redact(engine.url.render_as_string(hide_password=False))
-    click.echo(f"{url} at revision {current_revision(engine)}")
+    if citus:
+        distribute(engine)
+    click.echo(f"{url} at revision {current_revision(engine)}" + (", distributed" if citus else ""))
 
 
 @db.command()

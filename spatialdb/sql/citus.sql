@@ -1,0 +1,86 @@
+-- Distribute spatialdb's schema with Citus, on the coordinator, after the migrations
+-- (`spatialdb db upgrade --citus`). One transaction; running it again changes nothing.
+--
+-- Layout: every table keyed by slide is hash-distributed by slide_id, all co-located with
+-- nucleus, so that a slide's objects, features and embeddings live on one worker and every
+-- per-slide query (each one filters every table by slide_id) runs there whole. The small
+-- catalog tables are reference tables, copied to every worker.
+--
+-- What Citus needs, checked against the schema:
+-- * Primary and unique keys of distributed tables include slide_id: object tables
+--   (slide_id, id), gland_feature (slide_id, gland_id), slide_feature (slide_id),
+--   slide_embedding (slide_id, encoder_sha256), slide_prediction (slide_id, model_sha256).
+-- * Foreign keys: distributed -> reference (slide, run) are allowed, ON DELETE CASCADE and
+--   SET NULL included (SET NULL only on slide_embedding.source_run_id, which does not hold the
+--   distribution column); reference -> reference (run -> slide, run -> model,
+--   slide.current_run_id -> run) too; there is no key from a reference table to a distributed
+--   one. The keys are dropped while the tables are converted and added back after.
+-- * Citus refuses multi-level partitioning. The loader stores a slide's run as a partition
+--   that is itself RANGE-partitioned by id (one leaf per load lane), so each such partition is
+--   first rewritten here as one plain table. The loader must do the same on Citus (attach one
+--   table per slide, loading it through COPY into the distributed partition); see the README,
+--   "Scale-out".
+SET LOCAL citus.multi_shard_modify_mode TO 'sequential';
+
+DO $$
+DECLARE
+    reference_tables text[] := ARRAY['model', 'slide', 'run', 'object_class'];
+    object_tables text[] := ARRAY['nucleus', 'gland', 'lumen', 'tissue_region'];
+    slide_tables text[] := object_tables
+        || ARRAY['gland_feature', 'slide_feature', 'slide_embedding', 'slide_prediction'];
+    all_tables regclass[];
+    foreign_keys text[];
+    fk text;
+    t text;
+    p record;
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus') THEN
+        RAISE EXCEPTION 'the citus extension is not installed in this database';
+    END IF;
+    SELECT array_agg(name::regclass) INTO all_tables
+    FROM unnest(reference_tables || slide_tables) name;
+
+    -- Slide partitions that are partitioned themselves become one plain table each.
+    FOR p IN
+        SELECT c.relname, i.inhparent::regclass AS parent, pg_get_expr(c.relpartbound, c.oid) AS bound
+        FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+        WHERE i.inhparent = ANY (SELECT unnest(object_tables)::regclass) AND c.relkind = 'p'
+    LOOP
+        EXECUTE format('ALTER TABLE %s DETACH PARTITION %I', p.parent, p.relname);
+        EXECUTE format('CREATE TABLE %I (LIKE %s)', p.relname || '_flat', p.parent);
+        EXECUTE format('INSERT INTO %I SELECT * FROM %I', p.relname || '_flat', p.relname);
+        EXECUTE format('DROP TABLE %I', p.relname);
+        EXECUTE format('ALTER TABLE %I RENAME TO %I', p.relname || '_flat', p.relname);
+        EXECUTE format('ALTER TABLE %s ATTACH PARTITION %I %s', p.parent, p.relname, p.bound);
+    END LOOP;
+
+    -- Foreign keys between these tables, set aside while the tables change kind.
+    SELECT coalesce(array_agg(format('ALTER TABLE %s ADD CONSTRAINT %I %s',
+                                     conrelid::regclass, conname, pg_get_constraintdef(oid))), '{}')
+    INTO foreign_keys
+    FROM pg_constraint
+    WHERE contype = 'f' AND conparentid = 0 AND conrelid = ANY (all_tables);
+    FOR t, fk IN
+        SELECT conrelid::regclass::text, conname FROM pg_constraint
+        WHERE contype = 'f' AND conparentid = 0 AND conrelid = ANY (all_tables)
+    LOOP
+        EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I', t, fk);
+    END LOOP;
+
+    FOREACH t IN ARRAY reference_tables LOOP
+        IF NOT EXISTS (SELECT FROM pg_dist_partition WHERE logicalrelid = t::regclass) THEN
+            PERFORM create_reference_table(t);
+        END IF;
+    END LOOP;
+    FOREACH t IN ARRAY slide_tables LOOP
+        IF NOT EXISTS (SELECT FROM pg_dist_partition WHERE logicalrelid = t::regclass) THEN
+            PERFORM create_distributed_table(t, 'slide_id',
+                colocate_with => CASE WHEN t = 'nucleus' THEN 'default' ELSE 'nucleus' END);
+        END IF;
+    END LOOP;
+
+    FOREACH fk IN ARRAY foreign_keys LOOP
+        EXECUTE fk;
+    END LOOP;
+END
+$$;
