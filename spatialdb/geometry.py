@@ -37,7 +37,7 @@ def prepare_polygons(geoms, *, multi: bool) -> Prepared:
     repaired = int(invalid.sum())
     if repaired:
         geoms = geoms.copy()
-        geoms[invalid] = _polygonal_parts(shapely.make_valid(geoms[invalid]), multi=multi)
+        geoms[invalid] = _polygonal_parts(_make_valid(geoms[invalid]), multi=multi)
     types = shapely.get_type_id(geoms)
     if multi:
         single = types == GeometryType.POLYGON
@@ -91,13 +91,39 @@ def star_shaped_rings(rings: np.ndarray) -> np.ndarray:
     return (ccw | cw) & np.isfinite(d).all(axis=(1, 2))
 
 
+def _make_valid(geoms: np.ndarray) -> np.ndarray:
+    """make_valid of each shape. GEOS's default (linework) method fails on some rings that cross
+    themselves at near-coincident vertices (an exception, or an invalid result); those shapes
+    are repaired one by one, with the structure method where linework fails."""
+    try:
+        fixed = shapely.make_valid(geoms)
+    except shapely.errors.GEOSException:
+        fixed = np.full(len(geoms), None, dtype=object)
+    failed = ~shapely.is_valid(fixed)  # None is not valid
+    fixed[failed] = [_make_valid_one(g) for g in geoms[failed]]
+    return fixed
+
+
+def _make_valid_one(geom):
+    try:
+        fixed = shapely.make_valid(geom)
+        if fixed.is_valid:
+            return fixed
+    except shapely.errors.GEOSException:
+        pass
+    return shapely.make_valid(geom, method="structure", keep_collapsed=False)
+
+
 def _polygonal_parts(geoms: np.ndarray, *, multi: bool) -> np.ndarray:
-    """Loop over repaired shapes only: keep Polygon parts of collections."""
+    """Loop over repaired shapes only: keep Polygon parts of collections (merged where the
+    parts of a repaired collection overlap)."""
     out = np.empty(len(geoms), dtype=object)
     for i, geom in enumerate(geoms):
         parts = [p for p in shapely.get_parts(geom) if p.geom_type in ("Polygon", "MultiPolygon")]
         polygons = [q for p in parts for q in shapely.get_parts(p)]
         out[i] = shapely.multipolygons(polygons) if polygons else shapely.Polygon()
+        if not out[i].is_valid:
+            out[i] = shapely.union_all(polygons)
     return out if multi else _largest_parts(out)
 
 

@@ -29,6 +29,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 CORPUS = Path(__file__).parent / "data" / "bad_inputs"
 CASES = tomllib.loads((CORPUS / "cases.toml").read_text())["case"]
 BATCH_COMMANDS = ("ingest", "compress")
+#: Post-processing in the ingest process itself: no worker processes to start for one tile.
+OPTIONS = {"ingest": ["--workers", "0"], "compress": []}
 ERROR = "spatialdb: error: "
 
 
@@ -94,27 +96,33 @@ def seeded(session_engine):
 
 @pytest.fixture(scope="module")
 def batches(seeded, db_url, tmp_path_factory):
-    """Per batch command: its process, its input per case id, and the database before and
-    after. Inputs are copied under the case id, so that each error line names its case."""
+    """Per batch command: its finished process, its input per case id, and the database before
+    and after. Inputs are copied under the case id, so that each error line names its case; the
+    commands run at the same time."""
     env = {**os.environ, "SPATIALDB_URL": db_url}
-    out = {}
+    inputs = {}
     for command in BATCH_COMMANDS:
         folder = tmp_path_factory.mktemp(command)
-        paths = {}
+        inputs[command] = {}
         for case in (c for c in CASES if c["command"] == command):
             source = case_file(case, folder)
-            paths[case["id"]] = folder / f"{case['id']}{source.suffix}"
-            if source != paths[case["id"]]:
-                shutil.copy(source, paths[case["id"]])
-        before = snapshot(seeded)
-        result = subprocess.run(
-            [sys.executable, "-m", "spatialdb", command, *map(str, paths.values())],
-            capture_output=True,
+            inputs[command][case["id"]] = folder / f"{case['id']}{source.suffix}"
+            if source != inputs[command][case["id"]]:
+                shutil.copy(source, inputs[command][case["id"]])
+    before = snapshot(seeded)
+    processes = {
+        command: subprocess.Popen(
+            [sys.executable, "-m", "spatialdb", command, *OPTIONS[command], *map(str, paths)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
             env=env,
         )
-        out[command] = (result, paths, before, snapshot(seeded))
-    return out
+        for command, paths in ((c, inputs[c].values()) for c in inputs)
+    }
+    stderr = {command: p.communicate()[1] for command, p in processes.items()}
+    after = snapshot(seeded)
+    return {c: (processes[c].returncode, stderr[c], inputs[c], before, after) for c in inputs}
 
 
 def run_cli(capsys, db_url: str, *args: str) -> tuple[int, str, str]:
@@ -149,12 +157,12 @@ def assert_stored_valid_inside(engine) -> None:
     "case", [c for c in CASES if c["command"] in BATCH_COMMANDS], ids=lambda c: c["id"]
 )
 def test_batch_case(batches, case):
-    result, paths, before, after = batches[case["command"]]
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 1
-    assert lines[-1] == f"{ERROR}{len(paths)} of {len(paths)} slide(s) failed", result.stderr
+    returncode, stderr, paths, before, after = batches[case["command"]]
+    lines = stderr.strip().splitlines()
+    assert returncode == 1
+    assert lines[-1] == f"{ERROR}{len(paths)} of {len(paths)} slide(s) failed", stderr
     # Nothing but error lines and tiatoolbox's logged warnings: no traceback.
-    assert all(line.startswith((ERROR, "WARNING ")) for line in lines), result.stderr
+    assert all(line.startswith((ERROR, "WARNING ")) for line in lines), stderr
     own = [line for line in lines if f"{paths[case['id']]}:" in line]
     assert len(own) == 1 and case["error"] in own[0], own
     assert after == before
