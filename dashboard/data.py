@@ -40,19 +40,21 @@ LEFT JOIN model m ON m.id = r.model_id
 LEFT JOIN slide_feature f ON f.slide_id = s.id
 ORDER BY s.id
 """  # noqa: E501
+#: The layer queries read one run (the one the view shows), so that layers fetched on separate
+#: connections can be checked to come from the same run (see `dashboard.overlay.render`).
 #: Objects whose box meets the view (GiST on geom: `&&` box pre-filter), simplified for drawing
 #: (Douglas-Peucker, keeping shapes that would collapse).
 OBJECTS_IN_VIEW = """
 SELECT class, ST_AsBinary(ST_Simplify(geom, :tolerance, true)) AS wkb
 FROM {table}
-WHERE slide_id = :slide AND geom && ST_MakeEnvelope(:x0, :y0, :x1, :y1, 0)
+WHERE slide_id = :slide AND run_id = :run AND geom && ST_MakeEnvelope(:x0, :y0, :x1, :y1, 0)
 LIMIT :limit
 """
 #: How many objects have their centroid in the view, counting no further than :limit.
 COUNT_IN_VIEW = """
 SELECT count(*) FROM (
     SELECT 1 FROM {table}
-    WHERE slide_id = :slide AND centroid && ST_MakeEnvelope(:x0, :y0, :x1, :y1, 0)
+    WHERE slide_id = :slide AND run_id = :run AND centroid && ST_MakeEnvelope(:x0, :y0, :x1, :y1, 0)
     LIMIT :limit
 ) AS found
 """
@@ -61,7 +63,7 @@ CENTROID_GRID = """
 SELECT floor(ST_X(centroid) / :cell)::integer AS gx, floor(ST_Y(centroid) / :cell)::integer AS gy,
        count(*) AS n
 FROM {table}
-WHERE slide_id = :slide AND centroid && ST_MakeEnvelope(:x0, :y0, :x1, :y1, 0)
+WHERE slide_id = :slide AND run_id = :run AND centroid && ST_MakeEnvelope(:x0, :y0, :x1, :y1, 0)
 GROUP BY 1, 2
 """
 
@@ -136,20 +138,35 @@ class Reader:
     def colour(self, name: str, known: dict) -> tuple[int, int, int]:
         return known.get(name) or default_colour(name)
 
-    def count_in(self, table: str, slide_id: int, box: Box, limit: int) -> int:
-        """Objects of `table` with their centroid in `box`, or `limit` if there are more."""
+    def current_run(self, slide_id: int) -> int | None:
+        """The slide's current run now."""
+        frame = self.frame("SELECT current_run_id FROM slide WHERE id = :slide", slide=slide_id)
+        return None if frame.empty or pd.isna(frame.iloc[0, 0]) else int(frame.iloc[0, 0])
+
+    def count_in(self, table: str, slide_id: int, run_id: int, box: Box, limit: int) -> int:
+        """Objects of `table` in run `run_id` with their centroid in `box`, or `limit` if there
+        are more."""
         assert table in TABLES
         query = COUNT_IN_VIEW.format(table=table)
-        return int(self.frame(query, slide=slide_id, limit=limit, **_box(box)).iloc[0, 0])
+        frame = self.frame(query, slide=slide_id, run=run_id, limit=limit, **_box(box))
+        return int(frame.iloc[0, 0])
 
-    def objects_in(self, table: str, slide_id: int, box: Box, tolerance: float, limit: int):
-        """(classes, WKB) of up to `limit` objects of `table` meeting `box`, simplified to
-        `tolerance` px (through the DBAPI cursor: no per-row conversions)."""
+    def objects_in(
+        self, table: str, slide_id: int, run_id: int, box: Box, tolerance: float, limit: int
+    ):
+        """(classes, WKB) of up to `limit` objects of `table` in run `run_id` meeting `box`,
+        simplified to `tolerance` px (through the DBAPI cursor: no per-row conversions)."""
         assert table in TABLES
         query = OBJECTS_IN_VIEW.format(table=table).replace(":tolerance", "%(tolerance)s")
-        for name in ("slide", "limit", "x0", "y0", "x1", "y1"):
+        for name in ("slide", "run", "limit", "x0", "y0", "x1", "y1"):
             query = query.replace(f":{name}", f"%({name})s")
-        params = {"slide": slide_id, "tolerance": tolerance, "limit": limit, **_box(box)}
+        params = {
+            "slide": slide_id,
+            "run": run_id,
+            "tolerance": tolerance,
+            "limit": limit,
+            **_box(box),
+        }
         try:
             raw = self.engine.raw_connection()
             try:
@@ -164,9 +181,12 @@ class Reader:
             raise Unavailable(_first_line(exc)) from None
         return [r[0] for r in rows], [bytes(r[1]) for r in rows]
 
-    def centroid_grid(self, table: str, slide_id: int, box: Box, cell: float) -> pd.DataFrame:
+    def centroid_grid(
+        self, table: str, slide_id: int, run_id: int, box: Box, cell: float
+    ) -> pd.DataFrame:
         assert table in TABLES
-        return self.frame(CENTROID_GRID.format(table=table), slide=slide_id, cell=cell, **_box(box))
+        query = CENTROID_GRID.format(table=table)
+        return self.frame(query, slide=slide_id, run=run_id, cell=cell, **_box(box))
 
     def gland_features(self, slide_ids: list[int]) -> pd.DataFrame:
         return self.frame(

@@ -15,13 +15,14 @@ import numpy as np
 import shapely
 from PIL import Image, ImageDraw
 
-from dashboard.data import Box, Reader
+from dashboard.data import Box, Reader, Unavailable
 
 VIEW_PX = 1024
 DETAIL_LIMIT = 20_000
 GRID_PX = 8  # density cells, in view pixels
 LAYERS = {"nucleus": "Nuclei", "gland": "Glands", "lumen": "Lumina", "tissue_region": "Tissue"}
 DENSITY_COLOUR = (220, 40, 40)
+RUN_CHANGE_RETRIES = 3
 
 
 @dataclass
@@ -32,6 +33,7 @@ class View:
     aggregated: dict[str, int] = field(default_factory=dict)  # layer -> objects in the grid
     classes: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # legend
     image_note: str = ""
+    run_id: int | None = None  # the run every layer was read from
 
 
 def slide_region(file_path: str, box: Box, size: tuple[int, int]) -> tuple[Image.Image, str]:
@@ -65,13 +67,11 @@ def render(
     known = reader.colours()
     overlay = Image.new("RGBA", size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(overlay)
-    # Big shapes are drawn first so that small ones stay visible on top; the layers are fetched
-    # at once, each on its own connection.
+    # Big shapes are drawn first so that small ones stay visible on top.
     order = [t for t in ("tissue_region", "gland", "lumen", "nucleus") if t in layers]
-    with ThreadPoolExecutor(max_workers=len(order) or 1) as pool:
-        fetched = {t: pool.submit(_fetch, reader, t, slide["id"], box, scale) for t in order}
+    view.run_id, fetched = fetch_layers(reader, slide["id"], order, box, scale)
     for table in order:
-        grid, objects = fetched[table].result()
+        grid, objects = fetched[table]
         if grid is not None:
             _draw_density(draw, grid, box, scale)
             view.aggregated[table] = int(grid["n"].sum())
@@ -87,11 +87,31 @@ def render(
     return view
 
 
-def _fetch(reader: Reader, table: str, slide_id: int, box: Box, scale: float):
+def fetch_layers(reader: Reader, slide_id: int, tables: list[str], box: Box, scale: float):
+    """(run id, {table: fetched}) with every layer from the same run. The layers are fetched at
+    once, each on its own connection, from the slide's current run; if an ingest made another
+    run current meanwhile, they are fetched again from that one, so a view never mixes runs."""
+    run_id = reader.current_run(slide_id)
+    for _ in range(RUN_CHANGE_RETRIES):
+        if run_id is None:
+            return None, {t: (None, ([], [])) for t in tables}
+        with ThreadPoolExecutor(max_workers=len(tables) or 1) as pool:
+            futures = {
+                t: pool.submit(_fetch, reader, t, slide_id, run_id, box, scale) for t in tables
+            }
+        fetched = {t: f.result() for t, f in futures.items()}
+        now = reader.current_run(slide_id)
+        if now == run_id:
+            return run_id, fetched
+        run_id = now
+    raise Unavailable(f"slide {slide_id} is being re-ingested; reload the page")
+
+
+def _fetch(reader: Reader, table: str, slide_id: int, run_id: int, box: Box, scale: float):
     """(density grid, None) when the view holds too many objects to draw, else (None, objects)."""
-    if reader.count_in(table, slide_id, box, DETAIL_LIMIT + 1) > DETAIL_LIMIT:
-        return reader.centroid_grid(table, slide_id, box, GRID_PX / scale), None
-    return None, reader.objects_in(table, slide_id, box, 0.5 / scale, 2 * DETAIL_LIMIT)
+    if reader.count_in(table, slide_id, run_id, box, DETAIL_LIMIT + 1) > DETAIL_LIMIT:
+        return reader.centroid_grid(table, slide_id, run_id, box, GRID_PX / scale), None
+    return None, reader.objects_in(table, slide_id, run_id, box, 0.5 / scale, 2 * DETAIL_LIMIT)
 
 
 def _rings_in_view(classes: list[str], wkb: list[bytes], box: Box, scale: float):

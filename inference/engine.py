@@ -11,6 +11,7 @@ tiles are inferred. Memory stays bounded by the tiles still needed, not the slid
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -127,7 +128,11 @@ def segment_slide(
             dataset, batch_size=batch_size, sampler=[index[rc] for rc in sched.order]
         )
         workers = (os.cpu_count() or 1) if workers is None else workers
-        pool = ProcessPoolExecutor(workers) if workers > 0 else None
+        pool = (
+            ProcessPoolExecutor(workers, initializer=_die_with, initargs=(os.getpid(),))
+            if workers > 0
+            else None
+        )
         pending: deque = deque()
         next_region, done = 0, 0
         try:
@@ -170,6 +175,18 @@ def segment_slide(
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
     yield tiling.tissue_regions(grid, tile_classes, tissue.mask, list(info.classes["Patch-Class"]))
+
+
+def _die_with(parent: int) -> None:
+    """Post-processing worker start-up: exit as soon as the ingest process is gone (even
+    SIGKILLed, when no clean-up of the pool can run), instead of computing for nobody."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _timed_region(job: tiling.RegionJob):

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from psycopg2 import sql
 from sqlalchemy import Engine, text
 
+from spatialdb.db import rollback_or_discard
 from spatialdb.errors import UserError
 from spatialdb.schema import OBJECT_TABLES
 
@@ -42,9 +43,10 @@ class ModelRecord:
 
 
 UPSERT_SLIDE = """
-INSERT INTO slide (file_path, name, fingerprint, width, height, mpp_x, mpp_y, level_count,
+INSERT INTO slide (id, file_path, name, fingerprint, width, height, mpp_x, mpp_y, level_count,
                    objective_power, vendor)
-VALUES (%(file_path)s, %(name)s, %(fingerprint)s, %(width)s, %(height)s, %(mpp_x)s, %(mpp_y)s,
+VALUES (coalesce(%(id)s, nextval(pg_get_serial_sequence('slide', 'id'))), %(file_path)s,
+        %(name)s, %(fingerprint)s, %(width)s, %(height)s, %(mpp_x)s, %(mpp_y)s,
         %(level_count)s, %(objective_power)s, %(vendor)s)
 ON CONFLICT (file_path) DO UPDATE SET
     name = EXCLUDED.name, fingerprint = EXCLUDED.fingerprint, width = EXCLUDED.width,
@@ -70,9 +72,10 @@ WHERE i.inhparent = %(parent)s::regclass
 """
 
 
-def upsert_slide(cursor, slide: SlideRecord) -> int:
-    """Insert or refresh a slide row (locking it until the transaction ends); its id."""
-    cursor.execute(UPSERT_SLIDE, asdict(slide))
+def upsert_slide(cursor, slide: SlideRecord, slide_id: int | None = None) -> int:
+    """Insert (as `slide_id` if given) or refresh a slide row, locking it until the transaction
+    ends; its id."""
+    cursor.execute(UPSERT_SLIDE, {**asdict(slide), "id": slide_id})
     return cursor.fetchone()[0]
 
 
@@ -147,7 +150,7 @@ def delete_slide(engine: Engine, slide_id: int) -> None:
             cursor.execute("DELETE FROM slide WHERE id = %s", (slide_id,))
         raw.commit()
     except BaseException:
-        raw.rollback()
+        rollback_or_discard(raw)
         raise
     finally:
         raw.close()

@@ -105,6 +105,33 @@ def connect(url: str | None = None, *, migrate: bool | None = None) -> Engine:
     return engine
 
 
+def rollback_or_discard(conn) -> None:
+    """Roll back a pooled DBAPI connection; one the server has dropped (restart, crash) is
+    discarded instead: the server rolled its transaction back already."""
+    import psycopg2
+
+    try:
+        conn.rollback()
+    except psycopg2.Error:  # a connection that cannot roll back is of no further use
+        conn.invalidate()
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Whether `exc` (or what it wraps) says the database connection went away: a psycopg2
+    error with no SQLSTATE (the client saw the socket close), a connection exception (08...)
+    or a shutdown of the server (57P...)."""
+    import psycopg2
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, psycopg2.Error) and (
+            seen.pgcode is None or seen.pgcode.startswith(("08", "57P"))
+        ):
+            return True
+        seen = getattr(seen, "orig", None) or seen.__cause__ or seen.__context__
+    return False
+
+
 def first_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__

@@ -116,14 +116,15 @@ class EmbeddedCluster:
             self._create_database()
         return self.url
 
-    def stop(self) -> bool:
-        """Stop the server if it runs; True when it was running."""
+    def stop(self, mode: str = "fast") -> bool:
+        """Stop the server if it runs (pg_ctl's `fast`, `smart` or `immediate` mode); True when
+        it was running."""
         with self._lock():
             pg_bin = find_pg_bin()
             user = _server_user()
             if not self.data_dir.exists() or not self._running(pg_bin, user):
                 return False
-            self._pg_ctl(pg_bin, user, "stop", "-m", "fast", "-w")
+            self._pg_ctl(pg_bin, user, "stop", "-m", mode, "-w")
             return True
 
     def running(self) -> bool:

@@ -20,6 +20,7 @@ from pathlib import Path
 from psycopg2 import sql
 from sqlalchemy import Engine
 
+from spatialdb.db import rollback_or_discard
 from spatialdb.errors import UserError
 
 LEVELS = ("gland", "nucleus", "slide")
@@ -101,7 +102,7 @@ def export(
             Path(partial).unlink(missing_ok=True)
             raise
     finally:
-        raw.rollback()
+        rollback_or_discard(raw)
         raw.close()
     return ExportResult(out, rows, columns)
 

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from sqlalchemy import Engine
 
+from spatialdb.db import rollback_or_discard
 from spatialdb.errors import UserError
 from spatialdb.loader import default_lanes
 
@@ -45,7 +46,7 @@ def refresh(
             cur.execute("INSERT INTO slide_feature SELECT * FROM slide_features(%s)", (slide_id,))
         raw.commit()
     except BaseException:
-        raw.rollback()
+        rollback_or_discard(raw)
         raise
     finally:
         raw.close()

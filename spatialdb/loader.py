@@ -47,6 +47,7 @@ from spatialdb.catalog import (
     upsert_slide,
 )
 from spatialdb.copy_binary import OBJECT_COLUMNS, CopyStream, ObjectRows, encode
+from spatialdb.db import rollback_or_discard
 from spatialdb.geometry import Prepared, prepare_polygons, spatial_order
 from spatialdb.schema import FEATURE_TABLES, OBJECT_MODELS, OBJECT_TABLES, RUN_KINDS
 
@@ -56,6 +57,15 @@ CHUNK_ROWS = 50_000
 LANE_ID_BLOCK = 1_000_000_000
 #: Advisory-lock class held by a loading transaction on its run id.
 LOADER_LOCK = 72_617_002
+#: Advisory-lock classes: on a slide file's path while it loads, and on 0 while a run is swapped in.
+SLIDE_LOCK = 72_617_003
+SWAP_LOCK = 72_617_004
+#: A table's columns as DDL, from the catalog (which, unlike LIKE, locks nothing).
+COLUMNS_DDL = """
+SELECT string_agg(format('%%I %%s%%s', attname, format_type(atttypid, atttypmod),
+                         CASE WHEN attnotnull THEN ' NOT NULL' ELSE '' END), ', ' ORDER BY attnum)
+FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped
+"""
 _LEAF_NAME = re.compile(rf"^(?:{'|'.join(OBJECT_TABLES)})_s\d+_r(\d+)_l\d+$")
 
 INDEX_STATEMENTS = (
@@ -126,6 +136,9 @@ class RunWriter:
             self._conns = [self.engine.raw_connection() for _ in range(self.n_lanes)]
             self._cursors = [conn.cursor() for conn in self._conns]
             sweep_orphans(self._cursors[0])
+            # Committed at once: a model row locked until the run commits would make concurrent
+            # loaders of the same model (`ingest --scheduler`) wait for each other.
+            self._model_id = upsert_model(self._cursors[0], self.model) if self.model else None
             self._conns[0].commit()
             self._begin()
         except BaseException:
@@ -142,9 +155,11 @@ class RunWriter:
         try:
             if rollback:
                 for conn in self._conns:
-                    conn.rollback()
-                if self._committed_leaves:  # lanes committed, the swap did not: drop them now
-                    cur = self._cursors[0]
+                    rollback_or_discard(conn)
+                if self._committed_leaves and self._conns[0].is_valid:
+                    # Lanes committed, the swap did not: drop them now (or the next writer's
+                    # sweep does, if the connection is gone).
+                    cur = self._conns[0].cursor()
                     for leaf in self._committed_leaves:
                         cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(leaf)))
                     self._conns[0].commit()
@@ -154,16 +169,26 @@ class RunWriter:
             self._conns = []
 
     def _begin(self) -> None:
+        # Until the swap, a load writes no row of slide or run and locks no shared table: the
+        # foreign keys that ATTACH PARTITION adds lock slide and run against writers, so rows held
+        # through a load would stall (or deadlock) the swaps of concurrent loaders. The ids are
+        # reserved instead, and a lock on the file path keeps two loads of one slide apart.
         cur = self._cursors[0]
-        self.slide_id = upsert_slide(cur, self.slide)
-        model_id = upsert_model(cur, self.model) if self.model else None
         cur.execute(
-            "INSERT INTO run (slide_id, model_id, kind, status, parameters) "
-            "VALUES (%s, %s, %s, 'complete', %s) RETURNING id",
-            (self.slide_id, model_id, self.kind, json.dumps(self.parameters)),
+            "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (SLIDE_LOCK, self.slide.file_path)
         )
-        self.run_id = cur.fetchone()[0]
+        cur.execute(
+            "SELECT coalesce((SELECT id FROM slide WHERE file_path = %s), "
+            "nextval(pg_get_serial_sequence('slide', 'id'))), "
+            "nextval(pg_get_serial_sequence('run', 'id'))",
+            (self.slide.file_path,),
+        )
+        self.slide_id, self.run_id = cur.fetchone()
         cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOADER_LOCK, self.run_id))
+        columns = {}
+        for table in OBJECT_TABLES:
+            cur.execute(COLUMNS_DDL, (table,))
+            columns[table] = cur.fetchone()[0]
         self.partition = {t: f"{t}_s{self.slide_id}_r{self.run_id}" for t in OBJECT_TABLES}
         self.leaves = {
             t: [f"{p}_l{k}" for k in range(self.n_lanes)] for t, p in self.partition.items()
@@ -174,11 +199,11 @@ class RunWriter:
                 # The CHECKs imply the partition bounds, so ATTACH PARTITION skips its scans.
                 lane.execute(
                     sql.SQL(
-                        "CREATE TABLE {leaf} (LIKE {table} INCLUDING DEFAULTS, "
+                        "CREATE TABLE {leaf} ({columns}, "
                         "CHECK (slide_id = {slide}), CHECK (id >= {low} AND id < {high}))"
                     ).format(
                         leaf=sql.Identifier(leaves[k]),
-                        table=sql.Identifier(table),
+                        columns=sql.SQL(columns[table]),
                         slide=sql.Literal(self.slide_id),
                         low=sql.Literal(k * LANE_ID_BLOCK + 1),
                         high=sql.Literal((k + 1) * LANE_ID_BLOCK + 1),
@@ -306,6 +331,14 @@ class RunWriter:
 
         started = time.perf_counter()
         cur = self._cursors[0]
+        cur.execute("SELECT pg_advisory_xact_lock(%s, 0)", (SWAP_LOCK,))  # one swap at a time
+        if upsert_slide(cur, self.slide, self.slide_id) != self.slide_id:
+            raise RuntimeError(f"{self.slide.file_path} was registered meanwhile; load it again")
+        cur.execute(
+            "INSERT INTO run (id, slide_id, model_id, kind, status, parameters) "
+            "VALUES (%s, %s, %s, %s, 'complete', %s)",
+            (self.run_id, self.slide_id, self._model_id, self.kind, json.dumps(self.parameters)),
+        )
         for table, partition in self.partition.items():
             self._assemble(cur, table, partition)
         counts = {t: {k: int(v) for k, v in c.items()} for t, c in self.counts.items()}
@@ -323,7 +356,7 @@ class RunWriter:
         )
         cur.execute(
             "UPDATE run SET object_counts = %s, load_report = %s, timings = %s, "
-            "finished_at = now() WHERE id = %s",
+            "finished_at = clock_timestamp() WHERE id = %s",
             (
                 json.dumps(counts),
                 json.dumps({"repaired": self.repaired, "dropped": self.dropped}),

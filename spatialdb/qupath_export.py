@@ -15,6 +15,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, text
 
+from spatialdb.db import rollback_or_discard
 from spatialdb.errors import UserError
 from spatialdb.qupath_geojson import (
     OBJECT_CHOICES,
@@ -91,7 +92,7 @@ def export_slides(
             result.project = out_dir / "project" / "project.qpproj"
         _move_into(staging, out_dir)
     finally:
-        raw.rollback()
+        rollback_or_discard(raw)
         raw.close()
         shutil.rmtree(staging, ignore_errors=True)
     return result

@@ -17,7 +17,7 @@ import click
 import numpy as np
 
 from spatialdb.catalog import ModelRecord, SlideRecord, find_ingested, fingerprint
-from spatialdb.db import connect, first_line
+from spatialdb.db import connect, connection_lost, first_line
 from spatialdb.errors import UserError
 
 #: Files a directory argument contributes (what tiatoolbox's WSIReader opens).
@@ -41,6 +41,9 @@ class Outcome:
     counts: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     tissue_mm2: float = 0.0
+
+
+log = logging.getLogger(__name__)
 
 
 def slide_paths(arguments: tuple[str, ...]) -> list[Path]:
@@ -84,41 +87,68 @@ def slide_paths(arguments: tuple[str, ...]) -> list[Path]:
     default=None,
     help="Post-processing processes (default: one per core; 0 = in the main process).",
 )
+@click.option(
+    "--scheduler",
+    metavar="ADDRESS",
+    help="Dask scheduler (tcp://host:8786): ingest the slides on its workers, in parallel.",
+)
 @click.pass_obj
-def ingest(obj: dict, slides, mpp, force, weights, device, batch_size, compress_slides, workers):
+def ingest(
+    obj: dict, slides, mpp, force, weights, device, batch_size, compress_slides, workers, scheduler
+):
     """Segment SLIDES (files, directories or globs) and store their objects, one atomic run per
     slide. Slides already stored with the same content and model are skipped unless --force."""
     paths = slide_paths(slides)
     if not paths:
         raise UserError("no slides found in " + " ".join(slides))
     engine = connect(obj["db_url"])
-    model = _load_model(weights, device, embeddings=compress_slides)
-    outcomes = []
-    for path in paths:
-        try:
-            outcome = ingest_slide(
-                engine,
-                path,
-                model,
-                mpp=mpp,
-                force=force,
-                device=device,
-                batch_size=batch_size,
-                workers=workers,
-                compress=compress_slides,
+    options = dict(mpp=mpp, force=force, device=device, batch_size=batch_size)
+    if scheduler:
+        from spatialdb.distributed import ingest_on_cluster
+
+        url = engine.url.render_as_string(hide_password=False)
+        outcomes: list = [None] * len(paths)
+        for k, outcome in ingest_on_cluster(
+            scheduler, url, paths, weights=weights, compress=compress_slides, **options
+        ):
+            outcomes[k] = outcome
+            _report(outcome)
+    else:
+        model = _load_model(weights, device, embeddings=compress_slides)
+        outcomes = []
+        for path in paths:
+            outcome = attempt(
+                engine, path, model, workers=workers, compress=compress_slides, **options
             )
-        except UserError as exc:
-            outcome = Outcome(path, "failed", str(exc))
-        except Exception as exc:  # one slide's failure must not stop the others
-            logging.getLogger(__name__).debug("ingest of %s failed", path, exc_info=True)
-            outcome = Outcome(path, "failed", f"{path}: {type(exc).__name__}: {first_line(exc)}")
-        outcomes.append(outcome)
-        _report(outcome)
+            outcomes.append(outcome)
+            _report(outcome)
     _summary(outcomes)
     failed = sum(o.status == "failed" for o in outcomes)
     if failed:
         click.echo(f"spatialdb: error: {failed} of {len(outcomes)} slide(s) failed", err=True)
     return 1 if failed else 0
+
+
+def attempt(engine, path: Path, model, **options) -> Outcome:
+    """`ingest_slide` with its failure turned into a failed Outcome: one slide's failure must not
+    stop the others."""
+    try:
+        return ingest_slide(engine, path, model, **options)
+    except UserError as exc:
+        return Outcome(path, "failed", str(exc))
+    except Exception as exc:
+        log.debug("ingest of %s failed", path, exc_info=True)
+        return Outcome(path, "failed", failure(path, exc))
+
+
+def failure(path: Path, exc: Exception) -> str:
+    """One line on a slide whose ingest raised `exc` before its run was committed."""
+    if connection_lost(exc):
+        return (
+            f"{path}: the database connection was lost ({first_line(exc)}); nothing of this "
+            "ingest was stored: run it again"
+        )
+    return f"{path}: {type(exc).__name__}: {first_line(exc)}"
 
 
 def _load_model(weights: str | None, device: str, *, embeddings: bool = False):
@@ -164,6 +194,7 @@ def ingest_slide(
     network, weights_path = model
     info = network.info
     begun = started = time.perf_counter()
+    log.info("%s: phase read: opening", path.name)
     reader = open_reader(path, mpp)
     content = fingerprint(path)
     existing = find_ingested(engine, content, info.sha256)
@@ -199,6 +230,7 @@ def ingest_slide(
         w, h = reader.slide_dimensions(resolution=info.preset.mpp, units="mpp")
         grid = empty_grid((int(h), int(w)), info.preset.widths[-1])
     with RunWriter(engine, slide, model=record, parameters=parameters) as run:
+        log.info("%s: phase infer: %.2f mm² of tissue", path.name, mask.area_mm2)
         buffers: dict[str, list] = {table: [] for table in TASK_TABLES.values()}
         load = 0.0
         for objects in segment_slide(
@@ -213,6 +245,7 @@ def ingest_slide(
             embeddings=grid,
         ):
             table = TASK_TABLES[objects.task]
+            log.info("%s: phase load: %d %s objects", path.name, len(objects), objects.task)
             buffers[table].append(objects)
             if sum(len(o) for o in buffers[table]) >= FLUSH_OBJECTS:
                 load += _flush(run, table, buffers[table])
@@ -220,13 +253,21 @@ def ingest_slide(
         for table, pending in buffers.items():
             load += _flush(run, table, pending)
         started = time.perf_counter()
+        log.info("%s: phase commit: indexes, swap, commit", path.name)
         timings["truncated_glands"] = timings.pop("truncated", 0)
         phase = {k: round(v, 3) for k, v in timings.items()}
         result = run.commit({**phase, "load": round(load, 3)})
         phase["load"] = load + time.perf_counter() - started
+    log.info("%s: phase features: run %d committed", path.name, result.run_id)
     phase["features"] = refresh_features(engine, result.slide_id, path)
     if grid is not None:
-        _store_grid(engine, result, reader, mask, network, weights_path, grid)
+        try:
+            _store_grid(engine, result, reader, mask, network, weights_path, grid)
+        except Exception as exc:
+            raise UserError(
+                f"{path}: stored as slide {result.slide_id}, but storing its grid failed "
+                f"({first_line(exc)}); retry with: spatialdb compress {path}"
+            ) from exc
     phase["total"] = time.perf_counter() - begun
     message = "" if mask.mask.any() else "no tissue found: stored with zero objects"
     return Outcome(
@@ -327,9 +368,12 @@ class _Progress:
     def __init__(self, name: str):
         from tqdm import tqdm
 
+        self.name = name
         self.bar = tqdm(desc=f"{name}: tiles", unit="tile", disable=None, leave=False)
 
     def __call__(self, done: int, total: int) -> None:
+        if done == total:
+            log.info("%s: phase post-process: %d tiles inferred", self.name, total)
         self.bar.total = total
         self.bar.update(done - self.bar.n)
 
