@@ -116,10 +116,10 @@ def rollback_or_discard(conn) -> None:
         conn.invalidate()
 
 
-def connection_lost(exc: BaseException) -> bool:
-    """Whether `exc` (or what it wraps) says the database connection went away: a psycopg2
-    error with no SQLSTATE (the client saw the socket close), a connection exception (08...)
-    or a shutdown of the server (57P...)."""
+def lost_connection(exc: BaseException) -> BaseException | None:
+    """The error in `exc`'s chain (itself, what it wraps or was raised from) that says the
+    database connection went away, if any: a psycopg2 error with no SQLSTATE (the client saw
+    the socket close), a connection exception (08...) or a server shutdown (57P...)."""
     import psycopg2
 
     seen = exc
@@ -127,9 +127,9 @@ def connection_lost(exc: BaseException) -> bool:
         if isinstance(seen, psycopg2.Error) and (
             seen.pgcode is None or seen.pgcode.startswith(("08", "57P"))
         ):
-            return True
+            return seen
         seen = getattr(seen, "orig", None) or seen.__cause__ or seen.__context__
-    return False
+    return None
 
 
 def first_line(exc: BaseException) -> str:

@@ -64,8 +64,8 @@ def _gland_rows(engine: Engine, slide_id: int, lane: int, lanes: int) -> io.Byte
         )
         rows = io.BytesIO()
         cur.copy_expert(query.decode(), rows)
-        raw.rollback()
     finally:
+        rollback_or_discard(raw)
         raw.close()
     rows.seek(0)
     return rows

@@ -17,7 +17,7 @@ import click
 import numpy as np
 
 from spatialdb.catalog import ModelRecord, SlideRecord, find_ingested, fingerprint
-from spatialdb.db import connect, connection_lost, first_line
+from spatialdb.db import connect, first_line, lost_connection
 from spatialdb.errors import UserError
 
 #: Files a directory argument contributes (what tiatoolbox's WSIReader opens).
@@ -143,9 +143,10 @@ def attempt(engine, path: Path, model, **options) -> Outcome:
 
 def failure(path: Path, exc: Exception) -> str:
     """One line on a slide whose ingest raised `exc` before its run was committed."""
-    if connection_lost(exc):
+    lost = lost_connection(exc)
+    if lost is not None:
         return (
-            f"{path}: the database connection was lost ({first_line(exc)}); nothing of this "
+            f"{path}: the database connection was lost ({first_line(lost)}); nothing of this "
             "ingest was stored: run it again"
         )
     return f"{path}: {type(exc).__name__}: {first_line(exc)}"

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: exit 0 on success, 1 with one `spatialdb: error: ...` line on user errors."""
     from sqlalchemy.exc import OperationalError
 
-    from spatialdb.db import first_line
+    from spatialdb.db import first_line, lost_connection
 
     try:
         result = cli.main(args=argv, prog_name="spatialdb", standalone_mode=False)
@@ -91,6 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("spatialdb: interrupted", err=True)
         return 130
+    except Exception as exc:
+        lost = lost_connection(exc)
+        if lost is None:
+            raise
+        click.echo(
+            f"spatialdb: error: the database connection was lost ({first_line(lost)}); "
+            "nothing of this command's unfinished work was stored: run it again",
+            err=True,
+        )
+        return 1
     return result if isinstance(result, int) else 0
 
 

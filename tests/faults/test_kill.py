@@ -6,6 +6,8 @@ import random
 import time
 from collections import Counter
 
+import pytest
+
 from tests.faults.conftest import (
     assert_consistent,
     group_gone,
@@ -30,6 +32,7 @@ DELAY = {
 }
 
 
+@pytest.mark.timeout(2400)
 def test_sigkill_at_random_points_leaves_no_partial_run(fault_engine, env, crops):
     slide = crops[0]
     first = run_ingest(env, str(slide))
