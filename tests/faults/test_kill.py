@@ -59,6 +59,8 @@ def test_sigkill_at_random_points_leaves_no_partial_run(fault_engine, env, crops
             assert reached in ("commit", "features"), f"trial {trial}: new run after {reached}"
             before = after
 
+    print(f"SIGKILLs by the phase they hit: {dict(killed_in)}; completed before the kill: "
+          f"{TRIALS - sum(killed_in.values())}")  # fmt: skip
     assert sum(killed_in.values()) >= 20, killed_in
     assert set(killed_in) >= {"read", "infer", "post-process", "load", "commit"}, killed_in
     again = run_ingest(env, "--force", str(slide))
