@@ -48,11 +48,16 @@ def session_engine(db_url):
 def engine(session_engine):
     """The test database, emptied of slides and models after each test."""
     yield session_engine
-    with session_engine.connect() as conn:
+    empty(session_engine)
+
+
+def empty(engine) -> None:
+    """Delete every slide (with its runs and objects) and every model."""
+    with engine.connect() as conn:
         slide_ids = conn.execute(text("SELECT id FROM slide")).scalars().all()
     for slide_id in slide_ids:
-        delete_slide(session_engine, slide_id)
-    with session_engine.begin() as conn:
+        delete_slide(engine, slide_id)
+    with engine.begin() as conn:
         conn.execute(text("DELETE FROM model"))
 
 

@@ -21,7 +21,7 @@ from spatialdb.catalog import delete_slide
 from spatialdb.cli.main import main
 from spatialdb.loader import RunWriter
 from spatialdb.schema import OBJECT_TABLES
-from tests.conftest import blobs, make_slide
+from tests.conftest import blobs, empty, make_slide
 from tests.slides import SAMPLE
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -86,12 +86,7 @@ def seeded(session_engine):
         run.add("nucleus", blobs(50, size=2000), "epithelial")
         run.commit()
     yield session_engine
-    with session_engine.connect() as conn:
-        slide_ids = conn.execute(text("SELECT id FROM slide")).scalars().all()
-    for slide_id in slide_ids:
-        delete_slide(session_engine, slide_id)
-    with session_engine.begin() as conn:
-        conn.execute(text("DELETE FROM model"))
+    empty(session_engine)
 
 
 @pytest.fixture(scope="module")
