@@ -82,7 +82,6 @@ def compress_slide(
     reader, model, mask: TissueMask, *, device: str = "cpu", batch_size: int = 8
 ) -> SlideGrid:
     """The slide's grid: the encoder alone over the tissue tiles, read through tiatoolbox."""
-    from tiatoolbox.models import WSIPatchDataset
 
     net, preset = model.net, model.info.preset
     cells_per_tile(preset)
@@ -96,22 +95,9 @@ def compress_slide(
     grid = empty_grid((int(h), int(w)), preset.widths[-1])
     wanted = [(r, c) for r, c in zip(*np.nonzero(tiles.tissue), strict=True)]
     if wanted:
-        dataset = WSIPatchDataset(
-            input_img=reader,
-            patch_input_shape=(preset.input_size, preset.input_size),
-            patch_output_shape=(preset.output_size, preset.output_size),
-            stride_shape=(preset.output_size, preset.output_size),
-            resolution=preset.mpp,
-            units="mpp",
-            auto_get_mask=False,
-        )
-        index = {
-            (int(y0) // preset.output_size, int(x0) // preset.output_size): i
-            for i, (x0, y0, _, _) in enumerate(dataset.outputs)
-        }
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, sampler=[index[rc] for rc in wanted]
-        )
+        from inference.engine import tile_loader  # the engine imports this module
+
+        loader = tile_loader(reader, preset, wanted, batch_size)
         net.eval()
         for batch in loader:
             images = batch["image"].to(device, torch.float32).permute(0, 3, 1, 2)

@@ -111,22 +111,7 @@ def segment_slide(
     }
     tiles, tile_classes = {}, {}
     if sched.order:
-        dataset = WSIPatchDataset(
-            input_img=reader,
-            patch_input_shape=(preset.input_size, preset.input_size),
-            patch_output_shape=(preset.output_size, preset.output_size),
-            stride_shape=(preset.output_size, preset.output_size),
-            resolution=preset.mpp,
-            units="mpp",
-            auto_get_mask=False,
-        )
-        index = {
-            (int(y0) // grid.tile, int(x0) // grid.tile): i
-            for i, (x0, y0, _, _) in enumerate(dataset.outputs)
-        }
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, sampler=[index[rc] for rc in sched.order]
-        )
+        loader = tile_loader(reader, preset, sched.order, batch_size)
         workers = (os.cpu_count() or 1) if workers is None else workers
         pool = (
             ProcessPoolExecutor(workers, initializer=_die_with, initargs=(os.getpid(),))
@@ -175,6 +160,27 @@ def segment_slide(
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
     yield tiling.tissue_regions(grid, tile_classes, tissue.mask, list(info.classes["Patch-Class"]))
+
+
+def tile_loader(reader, preset, tiles: list[tuple[int, int]], batch_size: int):
+    """Batches of the model's input patches (tiatoolbox's `WSIPatchDataset`) for the output
+    tiles `tiles` ((row, col) of the preset's output grid at its mpp), in that order."""
+    dataset = WSIPatchDataset(
+        input_img=reader,
+        patch_input_shape=(preset.input_size, preset.input_size),
+        patch_output_shape=(preset.output_size, preset.output_size),
+        stride_shape=(preset.output_size, preset.output_size),
+        resolution=preset.mpp,
+        units="mpp",
+        auto_get_mask=False,
+    )
+    index = {
+        (int(y0) // preset.output_size, int(x0) // preset.output_size): i
+        for i, (x0, y0, _, _) in enumerate(dataset.outputs)
+    }
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=[index[rc] for rc in tiles]
+    )
 
 
 def _die_with(parent: int) -> None:

@@ -59,7 +59,8 @@ def upgrade() -> None:
         ),
         sa.CheckConstraint("task IN ('classification', 'regression')", name="ck_slide_prediction_task"),
         sa.ForeignKeyConstraint(
-            ["slide_id"], ["slide.id"], name="fk_slide_prediction_slide_id_slide", ondelete="CASCADE"
+            ["slide_id"], ["slide.id"], name="fk_slide_prediction_slide_id_slide",
+            ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("slide_id", "model_sha256", name="pk_slide_prediction"),
     )

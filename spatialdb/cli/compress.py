@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from spatialdb.catalog import find_slide, fingerprint, upsert_slide
-from spatialdb.cli.ingest import open_reader, slide_paths, slide_record
+from spatialdb.cli.ingest import _load_model, open_reader, slide_paths, slide_record
 from spatialdb.db import connect, first_line
 from spatialdb.embeddings import export_npy, load_grids, resolve_encoder, store_grid
 from spatialdb.errors import UserError
@@ -34,22 +34,15 @@ def compress() -> None:
 
 def load_encoder(weights: str | None, random_encoder: bool, seed: int, device: str):
     """(CerberusModel, encoder name): the shipped weights, a weights file, or random weights."""
-    import torch
-
     from inference import weights as weights_io
     from inference.engine import CerberusModel
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available")
-    try:
-        net, info = weights_io.load(weights or weights_io.DEFAULT_WEIGHTS)
-    except (weights_io.WeightsError, OSError) as exc:
-        raise UserError(f"weights: {exc}") from exc
-    name = Path(weights or weights_io.DEFAULT_WEIGHTS).name
-    if random_encoder:  # the baseline: the same architecture, untrained
-        net, info = weights_io.random_weights(info.preset, seed)
-        name = f"random (seed {seed})"
-    return CerberusModel(net.to(device), info), name
+    model, path = _load_model(weights, device)
+    if not random_encoder:
+        return model, path.name
+    # The baseline: the same architecture, untrained.
+    net, info = weights_io.random_weights(model.info.preset, seed)
+    return CerberusModel(net.to(device), info), f"random (seed {seed})"
 
 
 @compress.command("slides", hidden=True)
