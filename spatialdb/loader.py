@@ -6,7 +6,9 @@ k * LANE_ID_BLOCK + 1, with binary COPY (FREEZE; with wal_level=minimal no WAL),
 indexes and runs ANALYZE, all in parallel. At commit, the coordinating connection (lane 0) gathers
 the leaves under one range-partitioned table per object table, drops the slide's old partitions
 and attaches the new ones, marks the run current and commits: readers see the old run or the new
-one, never a mix.
+one, never a mix. A one-lane load attaches its single leaf as the slide's partition itself; loads
+into a Citus coordinator always take one lane, since Citus refuses multi-level partitioning (it
+distributes each attached table co-located with its parent).
 
 Lane 0's leaves live inside the coordinating transaction. The other lanes' leaves are committed
 just before the swap; if the process dies in that window they are orphans no reader can see
@@ -119,10 +121,7 @@ class RunWriter:
         self.repaired = 0
         self.dropped = 0
         self.timings: Counter = Counter()
-        self._next_id = {
-            t: [k * LANE_ID_BLOCK + 1 for k in range(self.n_lanes)] for t in OBJECT_TABLES
-        }
-        self._next_lane = dict.fromkeys(OBJECT_TABLES, 0)
+        self._citus = False
         self._conns: list = []
         self._committed_leaves: list[str] = []
         self._committed = False
@@ -133,8 +132,16 @@ class RunWriter:
         self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
         self._lane_pool = ThreadPoolExecutor(max_workers=self.n_lanes)
         try:
-            self._conns = [self.engine.raw_connection() for _ in range(self.n_lanes)]
+            self._conns = [self.engine.raw_connection()]
+            self._citus = has_citus(self._conns[0].cursor())
+            if self._citus:
+                self.n_lanes = 1
+            self._conns += [self.engine.raw_connection() for _ in range(1, self.n_lanes)]
             self._cursors = [conn.cursor() for conn in self._conns]
+            self._next_id = {
+                t: [k * LANE_ID_BLOCK + 1 for k in range(self.n_lanes)] for t in OBJECT_TABLES
+            }
+            self._next_lane = dict.fromkeys(OBJECT_TABLES, 0)
             sweep_orphans(self._cursors[0])
             # Committed at once: a model row locked until the run commits would make concurrent
             # loaders of the same model (`ingest --scheduler`) wait for each other.
@@ -331,6 +338,8 @@ class RunWriter:
 
         started = time.perf_counter()
         cur = self._cursors[0]
+        if self._citus:  # distributing the new partitions after writes to reference tables
+            cur.execute("SET LOCAL citus.multi_shard_modify_mode TO 'sequential'")
         cur.execute("SELECT pg_advisory_xact_lock(%s, 0)", (SWAP_LOCK,))  # one swap at a time
         if upsert_slide(cur, self.slide, self.slide_id) != self.slide_id:
             raise RuntimeError(f"{self.slide.file_path} was registered meanwhile; load it again")
@@ -376,21 +385,28 @@ class RunWriter:
         )
 
     def _assemble(self, cur, table: str, partition: str) -> None:
-        """The lanes' leaves under one table, swapped in as the slide's partition."""
-        cur.execute(
-            sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS) PARTITION BY RANGE (id)").format(
-                sql.Identifier(partition), sql.Identifier(table)
-            )
-        )
-        for k, leaf in enumerate(self.leaves[table]):
+        """The lanes' leaves under one table (a lone leaf as it is), swapped in as the slide's
+        partition."""
+        leaves = self.leaves[table]
+        if len(leaves) == 1:
+            (partition,) = leaves
+        else:
             cur.execute(
-                sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})").format(
-                    sql.Identifier(partition),
-                    sql.Identifier(leaf),
-                    sql.Literal(k * LANE_ID_BLOCK + 1),
-                    sql.Literal((k + 1) * LANE_ID_BLOCK + 1),
-                )
+                sql.SQL(
+                    "CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS) PARTITION BY RANGE (id)"
+                ).format(sql.Identifier(partition), sql.Identifier(table))
             )
+            for k, leaf in enumerate(leaves):
+                cur.execute(
+                    sql.SQL(
+                        "ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})"
+                    ).format(
+                        sql.Identifier(partition),
+                        sql.Identifier(leaf),
+                        sql.Literal(k * LANE_ID_BLOCK + 1),
+                        sql.Literal((k + 1) * LANE_ID_BLOCK + 1),
+                    )
+                )
         cur.execute(SLIDE_PARTITIONS, {"parent": table, "slide_id": self.slide_id})
         for (old,) in cur.fetchall():
             cur.execute(sql.SQL("DROP TABLE {}").format(sql.SQL(old)))
@@ -399,6 +415,12 @@ class RunWriter:
                 sql.Identifier(table), sql.Identifier(partition), sql.Literal(self.slide_id)
             )
         )
+
+
+def has_citus(cursor) -> bool:
+    """Whether the database is a Citus coordinator (the citus extension is installed)."""
+    cursor.execute("SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')")
+    return cursor.fetchone()[0]
 
 
 def sweep_orphans(cursor) -> list[str]:

@@ -1,8 +1,9 @@
 """Citus scale-out: `spatialdb db upgrade --citus` and spatialdb/sql/citus.sql.
 
 Citus is not installable here, so against the test PostGIS the upgrade must refuse with one line
-and change nothing; the script itself runs on a real coordinator when SPATIALDB_CITUS_URL names
-one (e.g. the citusdata/citus image with PostGIS added).
+and change nothing; the script itself, and loads and feature refreshes on the distributed tables,
+run on a real coordinator when SPATIALDB_CITUS_URL names one (e.g. the citusdata/citus image with
+PostGIS added).
 """
 
 from __future__ import annotations
@@ -11,10 +12,15 @@ import os
 
 import psycopg2
 import pytest
+import shapely
 from sqlalchemy import text
 
+from spatialdb import features
+from spatialdb.catalog import delete_slide
 from spatialdb.citus import SCRIPT, distribute
 from spatialdb.db import connect
+from spatialdb.loader import RunWriter
+from tests.conftest import blobs, make_slide
 from tests.test_cli import assert_one_error_line, spatialdb
 
 CITUS_URL = os.environ.get("SPATIALDB_CITUS_URL")
@@ -79,3 +85,43 @@ def test_the_script_distributes_the_tables_by_slide_on_citus(cli_env):
         assert len({r[2] for r in distributed.values()}) == 1  # co-located
         assert conn.execute(text("SELECT count(*) FROM gland_features(1)")).scalar_one() == 0
     engine.dispose()
+
+
+@pytest.mark.skipif(not CITUS_URL, reason="set SPATIALDB_CITUS_URL to a Citus coordinator")
+def test_runs_load_replace_and_get_features_on_citus(cli_env):
+    """The loader's one-lane layout on a coordinator: each run is one distributed table."""
+    result = spatialdb("--db-url", CITUS_URL, "db", "upgrade", "--citus", env=cli_env)
+    assert result.returncode == 0, result.stderr
+    engine = connect(CITUS_URL)
+    slide, loaded = make_slide("citus-live"), None
+    try:
+        for seed in (1, 2):  # the second run replaces the first
+            with RunWriter(engine, slide, lanes=3) as run:
+                run.add("nucleus", blobs(400, seed=seed), "epithelial")
+                run.add("gland", [shapely.box(0, 0, 5_000, 5_000)], "gland")
+                loaded = run.commit()
+            features.refresh(engine, loaded.slide_id)
+        with engine.connect() as conn:
+            partitions = conn.execute(
+                text(
+                    "SELECT c.relname, c.relkind, p.partmethod FROM pg_inherits i "
+                    "JOIN pg_class c ON c.oid = i.inhrelid "
+                    "LEFT JOIN pg_dist_partition p ON p.logicalrelid = c.oid "
+                    "WHERE i.inhparent = 'nucleus'::regclass AND c.relname LIKE :name"
+                ),
+                {"name": f"nucleus_s{loaded.slide_id}_%"},
+            ).all()
+            assert [tuple(p) for p in partitions] == [
+                (f"nucleus_s{loaded.slide_id}_r{loaded.run_id}_l0", "r", "h")
+            ]
+            count, inside = conn.execute(
+                text(
+                    "SELECT nucleus_count, nuclei_in_glands FROM slide_feature WHERE slide_id = :s"
+                ),
+                {"s": loaded.slide_id},
+            ).one()
+        assert count == 400 and 0 < inside < 400
+    finally:
+        if loaded is not None:
+            delete_slide(engine, loaded.slide_id)
+        engine.dispose()

@@ -126,6 +126,49 @@ def test_leaves_carry_the_spatial_and_class_indexes(engine):
         assert any("(slide_id, class)" in d for d in mine)
 
 
+def slide_partitions(engine) -> dict[str, tuple[str, list[str]]]:
+    """Each object table's slide partitions: name -> (relkind, its own partitions)."""
+    rows = fetch(
+        engine,
+        "SELECT c.relname, c.relkind, coalesce(array_agg(l.relname::text ORDER BY l.relname) "
+        "FILTER (WHERE l.relname IS NOT NULL), '{}') AS leaves "
+        "FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "LEFT JOIN pg_inherits li ON li.inhparent = c.oid "
+        "LEFT JOIN pg_class l ON l.oid = li.inhrelid "
+        "WHERE i.inhparent = 'nucleus'::regclass GROUP BY 1, 2",
+    )
+    return {r["relname"]: (r["relkind"], r["leaves"]) for r in rows}
+
+
+def test_one_lane_attaches_a_plain_table_and_layouts_replace_each_other(engine):
+    slide = make_slide()
+    first = load(engine, slide, {"nucleus": (blobs(200, seed=1), "a")}, lanes=1)
+    flat = f"nucleus_s{first.slide_id}_r{first.run_id}_l0"
+    assert slide_partitions(engine) == {flat: ("r", [])}
+    second = load(engine, slide, {"nucleus": (blobs(300, seed=2), "b")}, lanes=2)
+    nested = f"nucleus_s{second.slide_id}_r{second.run_id}"
+    assert slide_partitions(engine) == {nested: ("p", [f"{nested}_l0", f"{nested}_l1"])}
+    third = load(engine, slide, {"nucleus": (blobs(100, seed=3), "c")}, lanes=1)
+    assert list(slide_partitions(engine)) == [f"nucleus_s{third.slide_id}_r{third.run_id}_l0"]
+    (row,) = fetch(engine, "SELECT count(*) AS n, min(class) AS c, max(run_id) AS r FROM nucleus")
+    assert (row["n"], row["c"], row["r"]) == (100, "c", third.run_id)
+    assert (
+        fetch(engine, "SELECT count(*) AS n FROM pg_class WHERE relname ~ '_r[0-9]+_l1$'")[0]["n"]
+        == 0
+    )
+
+
+def test_a_citus_coordinator_gets_one_lane_and_plain_partitions(engine, monkeypatch):
+    """Citus refuses multi-level partitions: with the extension present, loads take one lane."""
+    with engine.connect() as conn:
+        assert loader.has_citus(conn.connection.cursor()) is False  # plain PostGIS here
+    monkeypatch.setattr(loader, "has_citus", lambda cursor: True)
+    result = load(engine, make_slide(), {"nucleus": (blobs(500), "a")}, lanes=3)
+    assert result.total("nucleus") == 500
+    name = f"nucleus_s{result.slide_id}_r{result.run_id}_l0"
+    assert slide_partitions(engine) == {name: ("r", [])}
+
+
 def test_new_run_replaces_the_old_one_atomically(engine):
     slide = make_slide()
     first = load(

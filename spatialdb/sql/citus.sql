@@ -15,11 +15,10 @@
 --   distribution column); reference -> reference (run -> slide, run -> model,
 --   slide.current_run_id -> run) too; there is no key from a reference table to a distributed
 --   one. The keys are dropped while the tables are converted and added back after.
--- * Citus refuses multi-level partitioning. The loader stores a slide's run as a partition
---   that is itself RANGE-partitioned by id (one leaf per load lane), so each such partition is
---   first rewritten here as one plain table. The loader must do the same on Citus (attach one
---   table per slide, loading it through COPY into the distributed partition); see the README,
---   "Scale-out".
+-- * Citus refuses multi-level partitioning. A multi-lane load stores a slide's run as a
+--   partition that is itself RANGE-partitioned by id (one leaf per load lane), so each such
+--   partition is first rewritten here as one plain table. On a coordinator the loader takes one
+--   lane and attaches one plain table per slide, which Citus distributes (spatialdb/loader.py).
 SET LOCAL citus.multi_shard_modify_mode TO 'sequential';
 
 DO $$
