@@ -51,26 +51,6 @@ def prepare_polygons(geoms, *, multi: bool) -> Prepared:
     return Prepared(geoms[keep], index[keep], repaired, int((~keep).sum()))
 
 
-def spatial_order(geoms: np.ndarray) -> np.ndarray:
-    """A permutation that puts geometries in Z-order (Morton) of their box centres, so that
-    neighbours on the slide become neighbours on disk and spatial joins read few pages."""
-    if len(geoms) < 2:
-        return np.arange(len(geoms))
-    bounds = shapely.bounds(geoms)
-    centre = np.nan_to_num((bounds[:, :2] + bounds[:, 2:]) / 2)  # empty shapes: NaN -> 0
-    low, span = centre.min(axis=0), np.ptp(centre, axis=0)
-    cells = ((centre - low) / np.where(span > 0, span, 1) * 0xFFFF).astype(np.uint32)
-    return np.argsort(_spread_bits(cells[:, 0]) | (_spread_bits(cells[:, 1]) << 1))
-
-
-def _spread_bits(v: np.ndarray) -> np.ndarray:
-    """16-bit integers with a zero bit inserted after every bit (for Morton interleaving)."""
-    v = (v | (v << 8)) & 0x00FF00FF
-    v = (v | (v << 4)) & 0x0F0F0F0F
-    v = (v | (v << 2)) & 0x33333333
-    return (v | (v << 1)) & 0x55555555
-
-
 def star_shaped_rings(rings: np.ndarray) -> np.ndarray:
     """For closed rings of equal point count, as one (n, points, 2) array: True where the ring
     turns strictly one way around its vertex mean and winds once. Such a ring is star-shaped

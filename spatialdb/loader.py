@@ -15,7 +15,6 @@ just before the swap; if the process dies in that window they are orphans no rea
 (not attached), and `sweep_orphans`, run by every writer before it starts, drops them once the
 coordinator's transaction-level advisory lock shows it is gone.
 
-Each batch is stored in Z-order of its objects' positions, so that spatial joins read few pages.
 The swap also deletes the slide's feature rows, which describe the old run;
 `spatialdb.features.refresh` computes the new ones.
 
@@ -50,7 +49,7 @@ from spatialdb.catalog import (
 )
 from spatialdb.copy_binary import OBJECT_COLUMNS, CopyStream, ObjectRows, encode
 from spatialdb.db import rollback_or_discard
-from spatialdb.geometry import Prepared, prepare_polygons, spatial_order
+from spatialdb.geometry import Prepared, prepare_polygons
 from spatialdb.schema import FEATURE_TABLES, OBJECT_MODELS, OBJECT_TABLES, RUN_KINDS
 
 #: Rows encoded per COPY chunk: large enough to amortise Python, small enough to pipeline.
@@ -239,13 +238,6 @@ class RunWriter:
         )
         uuids = _uuid_bytes(uuids, n)
         multi = OBJECT_MODELS[table].geometry_type != "POLYGON"
-        order = spatial_order(geoms)
-        geoms, class_codes, probability, uuids = (
-            geoms[order],
-            class_codes[order],
-            probability[order],
-            uuids[order],
-        )
 
         # Chunks go to the lanes in turn; each lane numbers its objects in its own id block.
         lane_chunks: list[list[tuple[slice, int]]] = [[] for _ in range(self.n_lanes)]
