@@ -68,11 +68,11 @@ def main() -> int:
     parser.add_argument("--slide", type=Path, default=SAMPLE)
     args = parser.parse_args()
 
-    from spatialdb.cli.ingest import _load_model, ingest_slide
+    from spatialdb.cli.ingest import ingest_slide, load_model
     from spatialdb.db import connect
 
     engine = connect()
-    model = _load_model(None, args.device)
+    model = load_model(None, args.device)
     modes = {"parallel": None, "serial": 0}
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     tissue = 0.0

@@ -59,13 +59,13 @@ def ingest_on_cluster(
 
 def _ingest_task(path: str, db_url: str, options: dict):
     """One slide on a Dask worker: its Outcome (failures included, as in the serial path)."""
-    from spatialdb.cli.ingest import _load_model, attempt
+    from spatialdb.cli.ingest import attempt, load_model
     from spatialdb.db import connect
 
     options = dict(options)
     key = (options.pop("weights"), options["device"], options["compress"])
     if key not in _models:
-        _models[key] = _load_model(*key[:2], embeddings=key[2])
+        _models[key] = load_model(*key[:2], embeddings=key[2])
     if db_url not in _engines:
         _engines[db_url] = connect(db_url)
     logging.getLogger(__name__).info("ingesting %s", path)

@@ -32,9 +32,14 @@ def upgrade() -> None:
         sa.Column("embeddings", sa.LargeBinary(), nullable=False),
         sa.Column("tissue", sa.LargeBinary(), nullable=False),
         sa.Column(
-            "created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False
+            "created_at",
+            sa.DateTime(timezone=True),
+            server_default=sa.text("now()"),
+            nullable=False,
         ),
-        sa.CheckConstraint("rows > 0 AND cols > 0 AND channels > 0", name="ck_slide_embedding_shape"),
+        sa.CheckConstraint(
+            "rows > 0 AND cols > 0 AND channels > 0", name="ck_slide_embedding_shape"
+        ),
         sa.ForeignKeyConstraint(
             ["slide_id"], ["slide.id"], name="fk_slide_embedding_slide_id_slide", ondelete="CASCADE"
         ),
@@ -55,9 +60,14 @@ def upgrade() -> None:
         sa.Column("label", sa.Text(), nullable=True),
         sa.Column("details", postgresql.JSONB(), server_default="{}", nullable=False),
         sa.Column(
-            "created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False
+            "created_at",
+            sa.DateTime(timezone=True),
+            server_default=sa.text("now()"),
+            nullable=False,
         ),
-        sa.CheckConstraint("task IN ('classification', 'regression')", name="ck_slide_prediction_task"),
+        sa.CheckConstraint(
+            "task IN ('classification', 'regression')", name="ck_slide_prediction_task"
+        ),
         sa.ForeignKeyConstraint(
             ["slide_id"], ["slide.id"], name="fk_slide_prediction_slide_id_slide",
             ondelete="CASCADE",

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from spatialdb.catalog import find_slide, fingerprint, upsert_slide
-from spatialdb.cli.ingest import _load_model, open_reader, slide_paths, slide_record
+from spatialdb.cli.ingest import load_model, open_reader, slide_paths, slide_record
 from spatialdb.db import connect, first_line
 from spatialdb.embeddings import export_npy, load_grids, resolve_encoder, store_grid
 from spatialdb.errors import UserError
@@ -37,7 +37,7 @@ def load_encoder(weights: str | None, random_encoder: bool, seed: int, device: s
     from inference import weights as weights_io
     from inference.engine import CerberusModel
 
-    model, path = _load_model(weights, device)
+    model, path = load_model(weights, device)
     if not random_encoder:
         return model, path.name
     # The baseline: the same architecture, untrained.

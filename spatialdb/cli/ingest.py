@@ -114,7 +114,7 @@ def ingest(
             outcomes[k] = outcome
             _report(outcome)
     else:
-        model = _load_model(weights, device, embeddings=compress_slides)
+        model = load_model(weights, device, embeddings=compress_slides)
         outcomes = []
         for path in paths:
             outcome = attempt(
@@ -152,7 +152,9 @@ def failure(path: Path, exc: Exception) -> str:
     return f"{path}: {type(exc).__name__}: {first_line(exc)}"
 
 
-def _load_model(weights: str | None, device: str, *, embeddings: bool = False):
+def load_model(weights: str | None, device: str, *, embeddings: bool = False):
+    """(CerberusModel on `device`, weights path): the shipped weights or a weights file; with
+    `embeddings`, one that also yields the compressed grid (`ingest --compress`)."""
     import torch
 
     from inference import weights as weights_io
