@@ -112,16 +112,13 @@ def gland_slide(
     tissue = np.array(
         [shapely.coverage_union_all(boxes[label == k]) for k in present], dtype=object
     )
-    objects = {
-        "nucleus": (nucleus, nucleus_class),
-        "gland": (gland, gland_class),
-        "lumen": (lumen, np.full(len(lumen), "lumen")),
-    }
     return SlideObjects(
         width,
         height,
         {
-            **{table: ingest_order(*pair) for table, pair in objects.items()},
+            "nucleus": ingest_order(nucleus, nucleus_class),
+            "gland": ingest_order(gland, gland_class),
+            "lumen": ingest_order(lumen, np.full(len(lumen), "lumen")),
             "tissue_region": (tissue, TISSUE_CLASSES[present]),
         },
     )
