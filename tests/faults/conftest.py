@@ -85,6 +85,7 @@ class Ingest:
 
     process: subprocess.Popen
     lines: list[tuple[float, str]] = field(default_factory=list)
+    ended: float | None = None  # when its stderr closed
 
     def __post_init__(self):
         self._reader = threading.Thread(target=self._follow, daemon=True)
@@ -93,11 +94,27 @@ class Ingest:
     def _follow(self) -> None:
         for line in self.process.stderr:
             self.lines.append((time.monotonic(), line.rstrip("\n")))
+        self.ended = time.monotonic()
+
+    def _phase_lines(self) -> list[tuple[float, str]]:
+        """(time, phase) of each phase log line so far."""
+        return [
+            (at, line.split(": phase ")[1].split(":")[0])
+            for at, line in self.lines
+            if ": phase " in line
+        ]
 
     def phases(self) -> list[str]:
-        return [
-            line.split(": phase ")[1].split(":")[0] for _, line in self.lines if ": phase " in line
-        ]
+        return [phase for _, phase in self._phase_lines()]
+
+    def phase_durations(self) -> dict[str, float]:
+        """Seconds from each phase's first log line to the next phase's (the last phase: to the
+        end of the output), for an ingest that has finished."""
+        starts: dict[str, float] = {}
+        for at, phase in self._phase_lines():
+            starts.setdefault(phase, at)
+        ends = [*list(starts.values())[1:], self.ended]
+        return {p: end - start for (p, start), end in zip(starts.items(), ends, strict=True)}
 
     def wait_for_phase(self, phase: str, timeout: float = 300) -> bool:
         """True once the ingest logged `phase`; False if it ended or timed out first."""
