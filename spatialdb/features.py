@@ -1,6 +1,7 @@
 """Gland–nuclei features: refreshing a slide's feature tables from its current objects.
 
-The features themselves are SQL (`migrations/sql/0002_features.sql`): `gland_features()`,
+The features themselves are SQL (`migrations/sql/0002_features.sql`, with the current bodies of
+`gland_features()` and `slide_features()` in `0006_faster_features.sql`): `gland_features()`,
 `slide_features()` and `nucleus_features()`. A refresh holds the slide's row lock (so no run of
 that slide is committed meanwhile), lets `lanes` connections compute a share of the glands each,
 and writes all rows in one transaction: readers see the old features or the new ones.

@@ -153,6 +153,31 @@ def test_lumina_distances_and_tissue_under_each_gland(engine):
     assert ell["tissue_class"] == "stroma"
 
 
+def test_the_nearest_gland_is_found_behind_a_nearer_box_and_touching_glands_are_0_apart(engine):
+    target = shapely.box(0, 0, 100, 100)
+    # An L whose box is 50 px from the target but whose nearest corner is (150, 300).
+    ell = shapely.box(150, 0, 450, 400).difference(shapely.box(150, 0, 350, 300))
+    below = shapely.box(0, 180, 100, 260)  # its box is 80 px away: farther, but nearer in fact
+    left, right = shapely.box(1000, 1000, 1100, 1100), shapely.box(1100, 1000, 1200, 1100)
+    with RunWriter(engine, make_slide("nearest", width=1500, height=1500, mpp=MPP)) as run:
+        run.add("gland", [target, ell, below, left, right], "gland")
+        slide_id = run.commit().slide_id
+    features.refresh(engine, slide_id, lanes=2)
+    with engine.connect() as conn:
+        distances = conn.execute(
+            text(
+                "SELECT nearest_gland_distance_um FROM gland_feature WHERE slide_id = :s "
+                "ORDER BY gland_id"
+            ),
+            {"s": slide_id},
+        ).scalars()
+        by_gland = dict(zip(("target", "ell", "below", "left", "right"), distances, strict=True))
+    assert by_gland["target"] == pytest.approx(80 * MPP, **EXACT)
+    assert by_gland["ell"] == pytest.approx(math.hypot(50, 40) * MPP, **EXACT)
+    assert by_gland["below"] == pytest.approx(math.hypot(50, 40) * MPP, **EXACT)
+    assert by_gland["left"] == 0 and by_gland["right"] == 0
+
+
 def test_slide_features_summarise_objects_tissue_and_glands(engine):
     slide_id = load_known_slide(engine)
     row = slide_row(engine, slide_id)

@@ -2,8 +2,9 @@
 distributed by slide (Citus, spatialdb/sql/citus.sql) with every join and subquery shard-local.
 
 The SQL is parsed with PostgreSQL's own parser (pglast): the feature functions of
-migrations/sql/0002_features.sql (SQL and PL/pgSQL bodies), every complete statement written as
-a string in spatialdb/ and dashboard/, and the statements the export modules compose at run time.
+migrations/sql/0002_features.sql and 0006_faster_features.sql (SQL and PL/pgSQL bodies), every
+complete statement written as a string in spatialdb/ and dashboard/, and the statements the
+export modules compose at run time.
 """
 
 from __future__ import annotations
@@ -166,9 +167,16 @@ def _string_statements(path: Path) -> list[str]:
     return found
 
 
-def test_the_feature_functions_filter_every_table_by_slide():
-    bodies = _function_bodies(ROOT / "migrations" / "sql" / "0002_features.sql")
-    assert set(bodies) >= {"gland_features", "slide_features", "refresh_slide_features"}
+@pytest.mark.parametrize(
+    ("script", "functions"),
+    [
+        ("0002_features.sql", {"gland_features", "slide_features", "refresh_slide_features"}),
+        ("0006_faster_features.sql", {"gland_features", "slide_features"}),
+    ],
+)
+def test_the_feature_functions_filter_every_table_by_slide(script, functions):
+    bodies = _function_bodies(ROOT / "migrations" / "sql" / script)
+    assert set(bodies) >= functions
     for name, body in bodies.items():
         assert unscoped(body) == [], name
 
