@@ -3,8 +3,9 @@
 The features themselves are SQL (`migrations/sql/0002_features.sql`, with the current bodies of
 `gland_features()` and `slide_features()` in `0006_faster_features.sql`): `gland_features()`,
 `slide_features()` and `nucleus_features()`. A refresh holds the slide's row lock (so no run of
-that slide is committed meanwhile), lets `lanes` connections compute a share of the glands each,
-and writes all rows in one transaction: readers see the old features or the new ones.
+that slide is committed meanwhile), lets `lanes` connections compute a share of the glands each
+(its own connection inserts the first share while the others are computed), and writes all rows
+in one transaction: readers see the old features or the new ones.
 
     seconds = refresh(engine, slide_id)
 """
@@ -22,9 +23,7 @@ from spatialdb.errors import UserError
 from spatialdb.loader import default_lanes
 
 
-def refresh(
-    engine: Engine, slide_id: int, lanes: int | None = None, shares: int | None = None
-) -> float:
+def refresh(engine: Engine, slide_id: int, lanes: int | None = None) -> float:
     """Recompute one slide's gland and slide features; the seconds it took."""
     started = time.perf_counter()
     lanes = lanes or default_lanes()
@@ -37,13 +36,21 @@ def refresh(
         if lanes == 1:
             cur.execute("SELECT refresh_slide_features(%s)", (slide_id,))
         else:
-            with ThreadPoolExecutor(lanes) as pool:
-                n = shares or lanes
-                parts = list(pool.map(lambda k: _gland_rows(engine, slide_id, k, n), range(n)))
-            cur.execute("DELETE FROM gland_feature WHERE slide_id = %s", (slide_id,))
-            cur.execute("DELETE FROM slide_feature WHERE slide_id = %s", (slide_id,))
-            for rows in parts:
-                cur.copy_expert("COPY gland_feature FROM STDIN WITH (FORMAT binary)", rows)
+            # Lane 0 is inserted by this connection while the others compute theirs.
+            with ThreadPoolExecutor(lanes - 1) as pool:
+                others = [
+                    pool.submit(_gland_rows, engine, slide_id, k, lanes) for k in range(1, lanes)
+                ]
+                cur.execute("DELETE FROM gland_feature WHERE slide_id = %s", (slide_id,))
+                cur.execute("DELETE FROM slide_feature WHERE slide_id = %s", (slide_id,))
+                cur.execute(
+                    "INSERT INTO gland_feature SELECT * FROM gland_features(%s, 0, %s)",
+                    (slide_id, lanes),
+                )
+                for rows in others:
+                    cur.copy_expert(
+                        "COPY gland_feature FROM STDIN WITH (FORMAT binary)", rows.result()
+                    )
             cur.execute("INSERT INTO slide_feature SELECT * FROM slide_features(%s)", (slide_id,))
         raw.commit()
     except BaseException:
