@@ -163,15 +163,12 @@ def test_the_nearest_gland_is_found_behind_a_nearer_box_and_touching_glands_are_
         run.add("gland", [target, ell, below, left, right], "gland")
         slide_id = run.commit().slide_id
     features.refresh(engine, slide_id, lanes=2)
-    with engine.connect() as conn:
-        distances = conn.execute(
-            text(
-                "SELECT nearest_gland_distance_um FROM gland_feature WHERE slide_id = :s "
-                "ORDER BY gland_id"
-            ),
-            {"s": slide_id},
-        ).scalars()
-        by_gland = dict(zip(("target", "ell", "below", "left", "right"), distances, strict=True))
+    by_gland = {
+        name: row["nearest_gland_distance_um"]
+        for name, row in zip(
+            ("below", "target", "left", "right", "ell"), gland_rows(engine, slide_id), strict=True
+        )
+    }
     assert by_gland["target"] == pytest.approx(80 * MPP, **EXACT)
     assert by_gland["ell"] == pytest.approx(math.hypot(50, 40) * MPP, **EXACT)
     assert by_gland["below"] == pytest.approx(math.hypot(50, 40) * MPP, **EXACT)
