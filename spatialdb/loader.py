@@ -50,7 +50,13 @@ from spatialdb.catalog import (
 from spatialdb.copy_binary import OBJECT_COLUMNS, CopyStream, ObjectRows, encode
 from spatialdb.db import rollback_or_discard
 from spatialdb.geometry import Prepared, prepare_polygons
-from spatialdb.schema import FEATURE_TABLES, OBJECT_MODELS, OBJECT_TABLES, RUN_KINDS
+from spatialdb.schema import (
+    CENTROID_INDEX_INCLUDE,
+    FEATURE_TABLES,
+    OBJECT_MODELS,
+    OBJECT_TABLES,
+    RUN_KINDS,
+)
 
 #: Rows encoded per COPY chunk: large enough to amortise Python, small enough to pipeline.
 CHUNK_ROWS = 50_000
@@ -71,7 +77,7 @@ _LEAF_NAME = re.compile(rf"^(?:{'|'.join(OBJECT_TABLES)})_s\d+_r(\d+)_l\d+$")
 
 INDEX_STATEMENTS = (
     "CREATE INDEX ON {} USING gist (geom)",
-    "CREATE INDEX ON {} USING gist (centroid)",
+    f"CREATE INDEX ON {{}} USING gist (centroid) INCLUDE ({', '.join(CENTROID_INDEX_INCLUDE)})",
     "CREATE INDEX ON {} (slide_id, class)",
     "ALTER TABLE {} ADD PRIMARY KEY (slide_id, id)",
     "ANALYZE {}",

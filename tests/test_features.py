@@ -12,7 +12,7 @@ import shapely
 import shapely.affinity
 from sqlalchemy import text
 
-from spatialdb import feature_export, features
+from spatialdb import feature_export, features, loader
 from spatialdb.errors import UserError
 from spatialdb.loader import RunWriter
 from tests.conftest import make_slide
@@ -130,6 +130,51 @@ def test_nuclei_inside_a_gland_are_counted_measured_and_typed(engine):
     assert square["nuclei_by_class"] == {"epithelial": 3, "lymphocyte": 2}
     assert bar["nuclei_count"] == 0 and bar["nuclei_by_class"] == {}
     assert bar["nuclear_area_mean_um2"] is None and bar["nuclear_area_median_um2"] is None
+
+
+def test_nuclei_and_lumina_inside_a_gland_are_read_from_the_centroid_index_alone(
+    engine, monkeypatch
+):
+    # The probe of gland_features for the square, whose nuclei lie in two lanes' leaves;
+    # index scans are forced because the planner would scan tables this small whole. The index
+    # holds every column the probe reads and the loader's COPY FREEZE marked the pages
+    # all-visible, so no heap page is read.
+    monkeypatch.setattr(loader, "CHUNK_ROWS", 3)  # the square's nuclei: 3 in lane 0, 2 in lane 1
+    slide_id = load_known_slide(engine, "covering", lanes=2)
+    probe = """
+        EXPLAIN (ANALYZE, FORMAT JSON)
+        SELECT n.k, n.mean, n.classes, l.k, l.area
+        FROM gland g
+        CROSS JOIN LATERAL (
+            SELECT count(*) AS k, avg(o.area_um2) AS mean, array_agg(o.class) AS classes
+            FROM nucleus o WHERE o.slide_id = :s AND ST_Contains(g.geom, o.centroid)) n
+        CROSS JOIN LATERAL (
+            SELECT count(*) AS k, sum(o.area_um2) AS area
+            FROM lumen o WHERE o.slide_id = :s AND ST_Contains(g.geom, o.centroid)) l
+        WHERE g.slide_id = :s AND ST_Contains(g.geom, ST_Point(100, 100))  -- the square
+    """
+    with engine.begin() as conn:
+        conn.execute(text("SET LOCAL enable_seqscan = off"))
+        conn.execute(text("SET LOCAL enable_bitmapscan = off"))
+        (plan,) = conn.execute(text(probe), {"s": slide_id}).scalar_one()
+
+    def reads(node):  # the scans of nuclei or lumina that found some (one loop: the square)
+        if node.get("Relation Name", "").startswith(("nucleus", "lumen")) and node["Actual Rows"]:
+            yield node
+        for child in node.get("Plans", []):
+            yield from reads(child)
+
+    found = list(reads(plan["Plan"]))
+    leaves = {n["Relation Name"] for n in found}
+    assert {leaf for leaf in leaves if leaf.startswith("nucleus")} == {
+        f"nucleus_s{slide_id}_r{slide_id}_l0",
+        f"nucleus_s{slide_id}_r{slide_id}_l1",
+    }
+    assert sum(n["Actual Rows"] for n in found if n["Relation Name"].startswith("nucleus")) == 5
+    assert any(leaf.startswith("lumen") for leaf in leaves)
+    for node in found:
+        assert node["Node Type"] == "Index Only Scan", node["Relation Name"]
+        assert "_centroid_" in node["Index Name"] and node["Heap Fetches"] == 0, node
 
 
 def test_lumina_distances_and_tissue_under_each_gland(engine):
