@@ -22,6 +22,9 @@ from spatialdb.db import rollback_or_discard
 from spatialdb.errors import UserError
 from spatialdb.loader import default_lanes
 
+BINARY = "WITH (FORMAT binary)"
+COPY_IN = "COPY {} FROM STDIN " + BINARY
+
 
 def refresh(engine: Engine, slide_id: int, lanes: int | None = None) -> float:
     """Recompute one slide's gland and slide features; the seconds it took."""
@@ -48,10 +51,11 @@ def refresh(engine: Engine, slide_id: int, lanes: int | None = None) -> float:
                     (slide_id, lanes),
                 )
                 for rows in others:
-                    cur.copy_expert(
-                        "COPY gland_feature FROM STDIN WITH (FORMAT binary)", rows.result()
-                    )
-            cur.execute("INSERT INTO slide_feature SELECT * FROM slide_features(%s)", (slide_id,))
+                    cur.copy_expert(COPY_IN.format("gland_feature"), rows.result())
+            # Out and back in rather than INSERT … SELECT: a query that feeds an INSERT never
+            # runs in parallel, while this one counts the slide's objects with parallel workers.
+            row = _copy_out(cur, "SELECT * FROM slide_features(%s)", (slide_id,))
+            cur.copy_expert(COPY_IN.format("slide_feature"), row)
         raw.commit()
     except BaseException:
         rollback_or_discard(raw)
@@ -65,15 +69,17 @@ def _gland_rows(engine: Engine, slide_id: int, lane: int, lanes: int) -> io.Byte
     """One lane's share of the slide's gland_feature rows, as binary COPY data."""
     raw = engine.raw_connection()
     try:
-        cur = raw.cursor()
-        query = cur.mogrify(
-            "COPY (SELECT * FROM gland_features(%s, %s, %s)) TO STDOUT WITH (FORMAT binary)",
-            (slide_id, lane, lanes),
+        return _copy_out(
+            raw.cursor(), "SELECT * FROM gland_features(%s, %s, %s)", (slide_id, lane, lanes)
         )
-        rows = io.BytesIO()
-        cur.copy_expert(query.decode(), rows)
     finally:
         rollback_or_discard(raw)
         raw.close()
+
+
+def _copy_out(cur, query: str, params: tuple) -> io.BytesIO:
+    """A query's rows as binary COPY data."""
+    rows = io.BytesIO()
+    cur.copy_expert(f"COPY ({cur.mogrify(query, params).decode()}) TO STDOUT {BINARY}", rows)
     rows.seek(0)
     return rows
