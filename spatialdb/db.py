@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import threading
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, text
@@ -130,6 +132,38 @@ def lost_connection(exc: BaseException) -> BaseException | None:
             return seen
         seen = getattr(seen, "orig", None) or seen.__cause__ or seen.__context__
     return None
+
+
+def hide_lost_connection_reports() -> None:
+    """Keep reports of a lost database connection off stderr, for a command that reports the loss
+    itself, in one line, when the error reaches it.
+
+    psycopg2 (2.9) prints one such report itself: when the server goes away inside a COPY, libpq
+    gives two error results, and psycopg2 raises for the second while the first is still set, so
+    its C code (pq_raise) prints the first with `PyErr_Print` — through `sys.excepthook` — and
+    raises the second. Thread exceptions and exceptions ignored in finalizers (a cursor closed on
+    a dead connection) are hidden the same way; every other report is shown as before.
+    """
+    if getattr(sys.excepthook, "hides_lost_connections", False):
+        return
+    shown_by = (sys.excepthook, threading.excepthook, sys.unraisablehook)
+
+    def excepthook(kind, value, traceback):
+        if lost_connection(value) is None:
+            shown_by[0](kind, value, traceback)
+
+    def thread_excepthook(args):
+        if lost_connection(args.exc_value) is None:
+            shown_by[1](args)
+
+    def unraisablehook(unraisable):
+        if lost_connection(unraisable.exc_value) is None:
+            shown_by[2](unraisable)
+
+    excepthook.hides_lost_connections = True
+    sys.excepthook = excepthook
+    threading.excepthook = thread_excepthook
+    sys.unraisablehook = unraisablehook
 
 
 def first_line(exc: BaseException) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 
 from spatialdb.errors import UserError
 
@@ -51,7 +51,7 @@ class StoredGrid:
 
 
 def store_grid(
-    engine: Engine,
+    conn: Connection,
     slide_id: int,
     embeddings: np.ndarray,
     tissue: np.ndarray,
@@ -62,22 +62,21 @@ def store_grid(
     cell_px: int,
     source_run_id: int | None = None,
 ) -> None:
-    """Store (or replace) a slide's grid for one encoder."""
+    """Store (or replace) a slide's grid for one encoder, in the caller's transaction."""
     if embeddings.ndim != 3 or tissue.shape != embeddings.shape[:2]:
         raise ValueError(f"a grid is (rows, cols, channels); got {embeddings.shape}")
     little = embeddings.astype(embeddings.dtype.newbyteorder("<"), copy=False)
-    with engine.begin() as conn:
-        conn.execute(
-            text(STORE),
-            {
-                "slide_id": slide_id, "encoder_sha256": encoder_sha256, "encoder": encoder,
-                "source_run_id": source_run_id, "mpp": mpp, "cell_px": cell_px,
-                "rows": embeddings.shape[0], "cols": embeddings.shape[1],
-                "channels": embeddings.shape[2], "dtype": little.dtype.str,
-                "tissue_cells": int(tissue.sum()), "embeddings": little.tobytes(),
-                "tissue": tissue.astype(np.uint8).tobytes(),
-            },
-        )  # fmt: skip
+    conn.execute(
+        text(STORE),
+        {
+            "slide_id": slide_id, "encoder_sha256": encoder_sha256, "encoder": encoder,
+            "source_run_id": source_run_id, "mpp": mpp, "cell_px": cell_px,
+            "rows": embeddings.shape[0], "cols": embeddings.shape[1],
+            "channels": embeddings.shape[2], "dtype": little.dtype.str,
+            "tissue_cells": int(tissue.sum()), "embeddings": little.tobytes(),
+            "tissue": tissue.astype(np.uint8).tobytes(),
+        },
+    )  # fmt: skip
 
 
 def load_grids(engine: Engine, encoder_sha256: str, slide_ids: list[int] | None = None):

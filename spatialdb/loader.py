@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
+import psycopg2
 from psycopg2 import sql
 from sqlalchemy import Engine
 
@@ -169,16 +170,23 @@ class RunWriter:
                 for conn in self._conns:
                     rollback_or_discard(conn)
                 if self._committed_leaves and self._conns[0].is_valid:
-                    # Lanes committed, the swap did not: drop them now (or the next writer's
-                    # sweep does, if the connection is gone).
-                    cur = self._conns[0].cursor()
-                    for leaf in self._committed_leaves:
-                        cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(leaf)))
-                    self._conns[0].commit()
+                    self._drop_committed_leaves()
         finally:
             for conn in self._conns:
                 conn.close()
             self._conns = []
+
+    def _drop_committed_leaves(self) -> None:
+        """Lanes committed, the swap did not: drop their leaves now, or leave them to the next
+        writer's sweep if the connection is gone too (a failed commit can leave it looking
+        valid until it is used)."""
+        try:
+            cur = self._conns[0].cursor()
+            for leaf in self._committed_leaves:
+                cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(leaf)))
+            self._conns[0].commit()
+        except psycopg2.Error:
+            self._conns[0].invalidate()
 
     def _begin(self) -> None:
         # Until the swap, a load writes no row of slide or run and locks no shared table: the

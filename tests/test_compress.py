@@ -98,16 +98,18 @@ def synthetic_grids(n: int, seed: int = 0):
 def test_grids_round_trip_through_the_database_and_npy(engine, tmp_path):
     ids = slide_ids(engine, 2)
     grids, masks, _ = synthetic_grids(2)
-    for slide_id, grid, mask in zip(ids, grids, masks, strict=True):
+    with engine.begin() as conn:
+        for slide_id, grid, mask in zip(ids, grids, masks, strict=True):
+            store_grid(
+                conn, slide_id, grid, mask, encoder="test", encoder_sha256="abc123", mpp=0.5,
+                cell_px=128,
+            )  # fmt: skip
+    # A second store of the same slide and encoder replaces the first.
+    with engine.begin() as conn:
         store_grid(
-            engine, slide_id, grid, mask, encoder="test", encoder_sha256="abc123", mpp=0.5,
+            conn, ids[0], grids[1], masks[1], encoder="test", encoder_sha256="abc123", mpp=0.5,
             cell_px=128,
         )  # fmt: skip
-    # A second store of the same slide and encoder replaces the first.
-    store_grid(
-        engine, ids[0], grids[1], masks[1], encoder="test", encoder_sha256="abc123", mpp=0.5,
-        cell_px=128,
-    )  # fmt: skip
     loaded = load_grids(engine, "abc123")
     assert [g.slide_id for g in loaded] == ids
     np.testing.assert_array_equal(loaded[0].embeddings, grids[1])
@@ -160,17 +162,18 @@ def test_train_and_predict_commands_store_predictions(engine, cli_env, tmp_path)
     ids = slide_ids(engine, 20)
     grids, masks, labels = synthetic_grids(20)
     random_grids, random_masks, _ = synthetic_grids(20, seed=5)  # no label in them
-    for slide_id, grid, mask, random_grid, random_mask in zip(
-        ids, grids, masks, random_grids, random_masks, strict=True
-    ):
-        for grid_, mask_, encoder, sha in (
-            (grid, mask, "ours", "feedbeef"),
-            (random_grid, random_mask, "random (seed 0)", "0badcafe"),
+    with engine.begin() as conn:
+        for slide_id, grid, mask, random_grid, random_mask in zip(
+            ids, grids, masks, random_grids, random_masks, strict=True
         ):
-            store_grid(
-                engine, slide_id, grid_, mask_, encoder=encoder, encoder_sha256=sha, mpp=0.5,
-                cell_px=128,
-            )  # fmt: skip
+            for grid_, mask_, encoder, sha in (
+                (grid, mask, "ours", "feedbeef"),
+                (random_grid, random_mask, "random (seed 0)", "0badcafe"),
+            ):
+                store_grid(
+                    conn, slide_id, grid_, mask_, encoder=encoder, encoder_sha256=sha, mpp=0.5,
+                    cell_px=128,
+                )  # fmt: skip
     csv = tmp_path / "labels.csv"
     csv.write_text(  # GlaS-style header: spaces after the commas, patients of two slides
         "slide, grade, patient\n"

@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from spatialdb.catalog import find_slide, fingerprint, upsert_slide
-from spatialdb.cli.ingest import load_model, open_reader, slide_paths, slide_record
-from spatialdb.db import connect, first_line
+from spatialdb.cli.ingest import failure, load_model, open_reader, slide_paths, slide_record
+from spatialdb.db import connect
 from spatialdb.embeddings import export_npy, load_grids, resolve_encoder, store_grid
 from spatialdb.errors import UserError
 
@@ -71,17 +71,12 @@ def compress_slides(obj, slides, mpp, weights, random_encoder, seed, device, bat
                 reader, model, tissue_mask(reader), device=device, batch_size=batch_size
             )
             record = slide_record(path, reader, fingerprint(path))
-            raw = engine.raw_connection()
-            try:
-                with raw.cursor() as cur:
-                    slide_id = upsert_slide(cur, record)
-                raw.commit()
-            finally:
-                raw.close()
-            store_grid(
-                engine, slide_id, grid.embeddings, grid.tissue, encoder=name,
-                encoder_sha256=grid.encoder_sha256, mpp=grid.mpp, cell_px=grid.cell_px,
-            )  # fmt: skip
+            with engine.begin() as conn:  # a new slide's row and its grid, or neither
+                slide_id = upsert_slide(conn.connection.cursor(), record)
+                store_grid(
+                    conn, slide_id, grid.embeddings, grid.tissue, encoder=name,
+                    encoder_sha256=grid.encoder_sha256, mpp=grid.mpp, cell_px=grid.cell_px,
+                )  # fmt: skip
         except CompressError as exc:
             raise UserError(str(exc)) from exc
         except UserError as exc:
@@ -90,9 +85,7 @@ def compress_slides(obj, slides, mpp, weights, random_encoder, seed, device, bat
             continue
         except Exception as exc:  # one slide's failure must not stop the others
             failed += 1
-            click.echo(
-                f"spatialdb: error: {path}: {type(exc).__name__}: {first_line(exc)}", err=True
-            )
+            click.echo(f"spatialdb: error: {failure(path, exc, 'compression')}", err=True)
             continue
         rows, cols, channels = grid.embeddings.shape
         click.echo(

@@ -141,13 +141,13 @@ def attempt(engine, path: Path, model, **options) -> Outcome:
         return Outcome(path, "failed", failure(path, exc))
 
 
-def failure(path: Path, exc: Exception) -> str:
-    """One line on a slide whose ingest raised `exc` before its run was committed."""
+def failure(path: Path, exc: Exception, work: str = "ingest") -> str:
+    """One line on a slide whose `work` (ingest, compression) raised `exc` before it committed."""
     lost = lost_connection(exc)
     if lost is not None:
         return (
             f"{path}: the database connection was lost ({first_line(lost)}); nothing of this "
-            "ingest was stored: run it again"
+            f"{work} was stored: run it again"
         )
     return f"{path}: {type(exc).__name__}: {first_line(exc)}"
 
@@ -291,11 +291,12 @@ def _store_grid(engine, result, reader, mask, network, weights_path: Path, grid)
 
     tissue = tissue_cells(reader, mask, network.info.preset)
     grid[~tissue] = 0
-    store_grid(
-        engine, result.slide_id, grid, tissue, encoder=weights_path.name,
-        encoder_sha256=network.info.sha256, mpp=network.info.preset.mpp, cell_px=CELL_PX,
-        source_run_id=result.run_id,
-    )  # fmt: skip
+    with engine.begin() as conn:
+        store_grid(
+            conn, result.slide_id, grid, tissue, encoder=weights_path.name,
+            encoder_sha256=network.info.sha256, mpp=network.info.preset.mpp, cell_px=CELL_PX,
+            source_run_id=result.run_id,
+        )  # fmt: skip
 
 
 def refresh_features(engine, slide_id: int, source: Path) -> float:

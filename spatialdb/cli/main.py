@@ -46,12 +46,18 @@ def cli(ctx: click.Context, db_url: str | None, verbose: bool) -> None:
 
 
 def _quiet_tiatoolbox(record: logging.LogRecord) -> bool:
-    """tiatoolbox warns on every read of a plain image given --mpp; the user can do nothing
-    about those warnings, so they are shown with --verbose only."""
+    """tiatoolbox warns on every read of a plain image given --mpp, and on every opening of a
+    TIFF that records no objective power; the user can do nothing about those warnings, so they
+    are shown with --verbose only."""
     return not record.getMessage().startswith(TIATOOLBOX_NOISE)
 
 
-TIATOOLBOX_NOISE = ("Read: Scale > 1", "Raw data is None", "Unknown scale")
+TIATOOLBOX_NOISE = (
+    "Read: Scale > 1",
+    "Raw data is None",
+    "Unknown scale",
+    "Metadata: Objective power inferred",
+)
 
 cli.add_command(db.db)
 cli.add_command(status.status)
@@ -72,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: exit 0 on success, 1 with one `spatialdb: error: ...` line on user errors."""
     from sqlalchemy.exc import OperationalError
 
-    from spatialdb.db import first_line, lost_connection
+    from spatialdb.db import first_line, hide_lost_connection_reports, lost_connection
 
+    hide_lost_connection_reports()
     try:
         result = cli.main(args=argv, prog_name="spatialdb", standalone_mode=False)
     except click.exceptions.Abort:

@@ -51,24 +51,26 @@ def fault_engine(cluster):
     engine.dispose()
 
 
-@pytest.fixture
-def env(cluster, tmp_path):
+@pytest.fixture(scope="session")
+def env(cluster, tmp_path_factory):
     environment = dict(os.environ)
     environment["SPATIALDB_URL"] = cluster.url
-    environment["SPATIALDB_HOME"] = str(tmp_path / "unused-home")
+    environment["SPATIALDB_HOME"] = str(tmp_path_factory.mktemp("unused-home"))
     return environment
 
 
 @pytest.fixture(scope="session")
 def crops(tmp_path_factory) -> list[Path]:
-    """Six small pyramidal TIFFs of real tissue (different regions of the sample, 2 x 2 model
+    """Seven small pyramidal TIFFs of real tissue (different regions of the sample, 2 x 2 model
     tiles each), so that their contents and fingerprints differ."""
     from tiatoolbox.wsicore.wsireader import WSIReader
 
     folder = tmp_path_factory.mktemp("crops")
     reader = WSIReader.open(SAMPLE)
     mpp = float(reader.info.mpp[0])
-    corners = [(700, 800), (1300, 800), (700, 1500), (1300, 1500), (700, 2100), (1300, 2100)]
+    corners = [
+        (700, 800), (1300, 800), (700, 1500), (1300, 1500), (700, 2100), (1300, 2100), (1000, 1150),
+    ]  # fmt: skip
     return [
         write_pyramid(
             folder / f"crop{k}.tiff",
