@@ -27,12 +27,12 @@ import shapely
 from geoalchemy2 import WKTElement
 from sqlalchemy.orm import Session
 
-from spatialdb.catalog import SlideRecord, delete_slide
-from spatialdb.copy_binary import HEADER, OBJECT_COLUMNS, TRAILER, ObjectRows, encode
-from spatialdb.db import connect
-from spatialdb.geometry import measurements
-from spatialdb.loader import RunWriter
-from spatialdb.schema import Nucleus
+from spatialdb.store.catalog import SlideRecord, delete_slide
+from spatialdb.store.copy_binary import HEADER, OBJECT_COLUMNS, TRAILER, ObjectRows, encode
+from spatialdb.store.db import connect
+from spatialdb.store.geometry import measurements
+from spatialdb.store.loader import RunWriter
+from spatialdb.store.schema import Nucleus
 
 SLIDE_SIZE = 100_000
 MPP = 0.25

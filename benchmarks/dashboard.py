@@ -30,8 +30,8 @@ from streamlit.testing.v1 import AppTest
 
 from dashboard.data import ENV_URL, Box
 from dashboard.overlay import VIEW_PX, slide_region
-from spatialdb.catalog import delete_slide
-from spatialdb.db import connect
+from spatialdb.store.catalog import delete_slide
+from spatialdb.store.db import connect
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "dashboard" / "app.py"

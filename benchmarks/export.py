@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from spatialdb.db import connect
+from spatialdb.store.db import connect
 
 
 def peak_rss_mib() -> float:
@@ -37,7 +37,7 @@ def peak_rss_mib() -> float:
 
 
 def product(slide_id: int, out: Path) -> None:
-    from spatialdb import qupath_geojson as qupath
+    from spatialdb.interop import qupath_geojson as qupath
 
     raw = connect().raw_connection()
     with raw.cursor() as cur:
@@ -51,7 +51,7 @@ def naive(slide_id: int, out: Path) -> None:
     import shapely
     from shapely.geometry import mapping
 
-    from spatialdb.qupath_geojson import default_colour
+    from spatialdb.interop.qupath_geojson import default_colour
 
     raw = connect().raw_connection()
     with raw.cursor() as cur:
@@ -116,7 +116,7 @@ def main() -> None:
 
     from synthetic import gland_slide, load_slide
 
-    from spatialdb.catalog import delete_slide
+    from spatialdb.store.catalog import delete_slide
 
     engine = connect()
     objects = gland_slide(glands=10_000, lumina=15_000, nuclei=args.nuclei)

@@ -2,8 +2,8 @@
 
 Times, in the same run (medians over --repeat, alternating):
   (a) the product's refresh: every per-gland and per-slide feature computed by SQL in PostGIS and
-      committed (`spatialdb.features.refresh`, its default connections), with the objects stored
-      in the order ingest stores them (region by region, `synthetic.ingest_order`),
+      committed (`spatialdb.features.refresh`, its default connections), with the objects
+      stored in the order ingest stores them (region by region, `synthetic.ingest_order`),
   (a') the same refresh of a second copy of the slide stored in random order (the worst case for
       the heap reads behind each index probe),
   (b) the same features with geopandas spatial joins on GeoDataFrames already in memory,
@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from synthetic import MPP, gland_slide, load_slide, shuffled
 
-from spatialdb import features
-from spatialdb.catalog import delete_slide
-from spatialdb.db import connect
+from spatialdb.features.refresh import refresh
+from spatialdb.store.catalog import delete_slide
+from spatialdb.store.db import connect
 
 QUANTILES = [0.05, 0.25, 0.5, 0.75, 0.95]
 RADIUS_UM = 25.0
@@ -218,8 +218,8 @@ def main() -> None:
     times: dict[str, list[float]] = {"a": [], "a'": [], "b": [], "c": []}
     try:
         for _ in range(args.repeat):
-            times["a"].append(features.refresh(engine, slide_id))
-            times["a'"].append(features.refresh(engine, random_id))
+            times["a"].append(refresh(engine, slide_id))
+            times["a'"].append(refresh(engine, random_id))
             t = time.perf_counter()
             geopandas_features(memory)
             times["b"].append(time.perf_counter() - t)
@@ -227,7 +227,7 @@ def main() -> None:
             gpd_glands, _ = geopandas_features(frames_from_database(engine, slide_id))
             times["c"].append(time.perf_counter() - t)
         check_same(engine, slide_id, gpd_glands)
-        single = features.refresh(engine, slide_id, lanes=1)
+        single = refresh(engine, slide_id, lanes=1)
 
         radius_px = RADIUS_UM / MPP
         t = time.perf_counter()

@@ -68,8 +68,8 @@ def main() -> int:
     parser.add_argument("--slide", type=Path, default=SAMPLE)
     args = parser.parse_args()
 
-    from spatialdb.cli.ingest import ingest_slide, load_model
-    from spatialdb.db import connect
+    from spatialdb.pipeline.ingest import ingest_slide, load_model
+    from spatialdb.store.db import connect
 
     engine = connect()
     model = load_model(None, args.device)

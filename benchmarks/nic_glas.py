@@ -30,8 +30,8 @@ import numpy as np
 from inference import slide_model
 from inference.weights import DEFAULT_WEIGHTS, default_sha256, load
 from spatialdb.cli.slide_model import read_labels
-from spatialdb.db import connect
-from spatialdb.embeddings import encoders, load_grids
+from spatialdb.nic.embeddings import encoders, load_grids
+from spatialdb.store.db import connect
 
 HERE = Path(__file__).resolve().parent
 

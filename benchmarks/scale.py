@@ -34,7 +34,7 @@ sys.path.append(str(HERE))
 from synthetic import gland_slide, load_slide  # noqa: E402
 
 from dashboard.data import COHORT, OBJECTS_IN_VIEW  # noqa: E402
-from spatialdb.db import connect  # noqa: E402
+from spatialdb.store.db import connect  # noqa: E402
 
 
 def timed(engine, query: str, params: dict, repeat: int) -> float:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import shapely
 
-from spatialdb.catalog import SlideRecord
-from spatialdb.loader import RunWriter
+from spatialdb.store.catalog import SlideRecord
+from spatialdb.store.loader import RunWriter
 
 MPP = 0.5
 #: Side (level-0 px at MPP) of the ingest's post-processing regions: REGION_TILES tiles of the CPU

@@ -9,8 +9,8 @@ import streamlit as st
 
 from dashboard.data import Reader
 from spatialdb.errors import UserError
-from spatialdb.qupath_export import export_slides
-from spatialdb.qupath_geojson import OBJECT_CHOICES
+from spatialdb.interop.qupath_export import export_slides
+from spatialdb.interop.qupath_geojson import OBJECT_CHOICES
 
 
 def render(db: Reader, cohort: pd.DataFrame) -> None:

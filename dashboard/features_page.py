@@ -11,7 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard.data import Reader
-from spatialdb.feature_export import export
+from spatialdb.features.export import export
 
 GLAND_FEATURES = (
     "area_um2", "perimeter_um", "circularity", "solidity", "major_axis_um", "minor_axis_um",

@@ -15,7 +15,7 @@ import torch
 
 from inference import tiling
 from inference.predict import autocast
-from inference.slide import TissueMask
+from inference.slide import TissueMask, tile_loader
 
 #: Side of one grid cell, px at the model's resolution.
 CELL_PX = 128
@@ -95,8 +95,6 @@ def compress_slide(
     grid = empty_grid((int(h), int(w)), preset.widths[-1])
     wanted = [(r, c) for r, c in zip(*np.nonzero(tiles.tissue), strict=True)]
     if wanted:
-        from inference.engine import tile_loader  # the engine imports this module
-
         loader = tile_loader(reader, preset, wanted, batch_size)
         net.eval()
         for batch in loader:

@@ -19,14 +19,13 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
-from tiatoolbox.models import WSIPatchDataset
 from tiatoolbox.models.models_abc import ModelABC
 
 from inference import tiling
 from inference.compress import place, tile_embeddings
 from inference.network import BOTTLENECK, CerberusNet
 from inference.predict import POSTPROCESS, autocast
-from inference.slide import TissueMask
+from inference.slide import TissueMask, tile_loader
 from inference.weights import WeightsInfo
 
 #: Heads returned by `infer_batch`, in order (each NHWC, centre-cropped to the kept output).
@@ -160,27 +159,6 @@ def segment_slide(
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
     yield tiling.tissue_regions(grid, tile_classes, tissue.mask, list(info.classes["Patch-Class"]))
-
-
-def tile_loader(reader, preset, tiles: list[tuple[int, int]], batch_size: int):
-    """Batches of the model's input patches (tiatoolbox's `WSIPatchDataset`) for the output
-    tiles `tiles` ((row, col) of the preset's output grid at its mpp), in that order."""
-    dataset = WSIPatchDataset(
-        input_img=reader,
-        patch_input_shape=(preset.input_size, preset.input_size),
-        patch_output_shape=(preset.output_size, preset.output_size),
-        stride_shape=(preset.output_size, preset.output_size),
-        resolution=preset.mpp,
-        units="mpp",
-        auto_get_mask=False,
-    )
-    index = {
-        (int(y0) // preset.output_size, int(x0) // preset.output_size): i
-        for i, (x0, y0, _, _) in enumerate(dataset.outputs)
-    }
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=[index[rc] for rc in tiles]
-    )
 
 
 def _die_with(parent: int) -> None:

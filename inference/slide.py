@@ -1,7 +1,9 @@
-"""Opening whole-slide images with tiatoolbox and finding their tissue.
+"""Opening whole-slide images with tiatoolbox, finding their tissue, and reading the model's
+input tiles from them.
 
 `open_slide` turns every way a file can fail to be a usable slide into one `SlideError` with a
-short message; `tissue_mask` finds stained tissue on a low-resolution thumbnail.
+short message; `tissue_mask` finds stained tissue on a low-resolution thumbnail; `tile_loader`
+batches the input patches of chosen output tiles (for segmentation and for compression).
 """
 
 from __future__ import annotations
@@ -110,3 +112,27 @@ def tissue_mask(reader, mpp: float = MASK_MPP) -> TissueMask:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def tile_loader(reader, preset, tiles: list[tuple[int, int]], batch_size: int):
+    """Batches of the model's input patches (tiatoolbox's `WSIPatchDataset`) for the output
+    tiles `tiles` ((row, col) of the preset's output grid at its mpp), in that order."""
+    import torch
+    from tiatoolbox.models import WSIPatchDataset
+
+    dataset = WSIPatchDataset(
+        input_img=reader,
+        patch_input_shape=(preset.input_size, preset.input_size),
+        patch_output_shape=(preset.output_size, preset.output_size),
+        stride_shape=(preset.output_size, preset.output_size),
+        resolution=preset.mpp,
+        units="mpp",
+        auto_get_mask=False,
+    )
+    index = {
+        (int(y0) // preset.output_size, int(x0) // preset.output_size): i
+        for i, (x0, y0, _, _) in enumerate(dataset.outputs)
+    }
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=[index[rc] for rc in tiles]
+    )

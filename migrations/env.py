@@ -1,12 +1,12 @@
-"""Alembic environment: runs migrations on the connection handed over by `spatialdb.db.upgrade`,
-or resolves the URL itself when `alembic` is called directly."""
+"""Alembic environment: runs migrations on the connection handed over by
+`spatialdb.store.db.upgrade`, or resolves the URL itself when `alembic` is called directly."""
 
 from alembic import context
 from geoalchemy2 import Geometry, alembic_helpers
 from sqlalchemy import text
 
-from spatialdb.db import make_engine, resolve_url
-from spatialdb.schema import Base
+from spatialdb.store.db import make_engine, resolve_url
+from spatialdb.store.schema import Base
 
 config = context.config
 target_metadata = Base.metadata

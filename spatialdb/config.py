@@ -11,6 +11,8 @@ ENV_URL = "SPATIALDB_URL"
 ENV_HOME = "SPATIALDB_HOME"
 ENV_PG_BIN = "SPATIALDB_PG_BIN"
 ENV_SERVER_USER = "SPATIALDB_SERVER_USER"
+#: The database URL `spatialdb dashboard` hands to the Streamlit app it starts.
+ENV_DASHBOARD_URL = "SPATIALDB_DASHBOARD_URL"
 
 #: Unprivileged account that runs the embedded server when the program runs as root.
 DEFAULT_SERVER_USER = "spatialdb"

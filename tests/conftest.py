@@ -16,9 +16,9 @@ import pytest
 import shapely
 from sqlalchemy import text
 
-from spatialdb.catalog import SlideRecord, delete_slide
-from spatialdb.db import connect
-from spatialdb.embedded import EmbeddedCluster
+from spatialdb.store.catalog import SlideRecord, delete_slide
+from spatialdb.store.db import connect
+from spatialdb.store.embedded import EmbeddedCluster
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

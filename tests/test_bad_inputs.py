@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from spatialdb.catalog import delete_slide
 from spatialdb.cli.main import main
-from spatialdb.loader import RunWriter
-from spatialdb.schema import OBJECT_TABLES
+from spatialdb.store.catalog import delete_slide
+from spatialdb.store.loader import RunWriter
+from spatialdb.store.schema import OBJECT_TABLES
 from tests.conftest import blobs, empty, make_slide
 from tests.slides import SAMPLE
 

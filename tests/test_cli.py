@@ -8,8 +8,8 @@ import sys
 
 import shapely
 
-from spatialdb.db import head_revision
-from spatialdb.loader import RunWriter
+from spatialdb.store.db import head_revision
+from spatialdb.store.loader import RunWriter
 from tests.conftest import blobs, make_slide
 
 

@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spatialdb.errors import UserError
-from spatialdb.geometry import prepare_polygons
-from spatialdb.imports import fit_to_slide, geojson_objects
-from spatialdb.qupath_geojson import parse_features
+from spatialdb.interop.qupath_geojson import parse_features
+from spatialdb.interop.results import fit_to_slide, geojson_objects
+from spatialdb.store.geometry import prepare_polygons
 
 WIDTH, HEIGHT = 1000, 800
 TISSUE = {"stroma", "tumour"}

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import click
 
-from spatialdb.catalog import find_slide, fingerprint, upsert_slide
-from spatialdb.cli.ingest import failure, load_model, open_reader, slide_paths, slide_record
-from spatialdb.db import connect
-from spatialdb.embeddings import export_npy, load_grids, resolve_encoder, store_grid
 from spatialdb.errors import UserError
+from spatialdb.nic.embeddings import export_npy, load_grids, resolve_encoder
+from spatialdb.pipeline.compress import compress_one, load_encoder
+from spatialdb.pipeline.ingest import failure
+from spatialdb.pipeline.slides import slide_paths
+from spatialdb.store.catalog import find_slide
+from spatialdb.store.db import connect
 
 
 class DefaultGroup(click.Group):
@@ -32,19 +34,6 @@ def compress() -> None:
     """
 
 
-def load_encoder(weights: str | None, random_encoder: bool, seed: int, device: str):
-    """(CerberusModel, encoder name): the shipped weights, a weights file, or random weights."""
-    from inference import weights as weights_io
-    from inference.engine import CerberusModel
-
-    model, path = load_model(weights, device)
-    if not random_encoder:
-        return model, path.name
-    # The baseline: the same architecture, untrained.
-    net, info = weights_io.random_weights(model.info.preset, seed)
-    return CerberusModel(net.to(device), info), f"random (seed {seed})"
-
-
 @compress.command("slides", hidden=True)
 @click.argument("slides", nargs=-1, required=True)
 @click.option("--mpp", type=float, help="µm per pixel, for slides whose file does not record it.")
@@ -57,8 +46,7 @@ def load_encoder(weights: str | None, random_encoder: bool, seed: int, device: s
 def compress_slides(obj, slides, mpp, weights, random_encoder, seed, device, batch_size) -> int:
     """Compress SLIDES (files, directories or globs): each tissue cell of 128 px at 0.5 µm/px
     becomes the encoder's pooled bottleneck features; the grid is stored per slide and encoder."""
-    from inference.compress import CompressError, compress_slide
-    from inference.slide import tissue_mask
+    from inference.compress import CompressError
 
     paths = slide_paths(slides)
     engine = connect(obj["db_url"])
@@ -66,17 +54,9 @@ def compress_slides(obj, slides, mpp, weights, random_encoder, seed, device, bat
     failed = 0
     for path in paths:
         try:
-            reader = open_reader(path, mpp)
-            grid = compress_slide(
-                reader, model, tissue_mask(reader), device=device, batch_size=batch_size
+            slide_id, grid = compress_one(
+                engine, path, model, name, mpp=mpp, device=device, batch_size=batch_size
             )
-            record = slide_record(path, reader, fingerprint(path))
-            with engine.begin() as conn:  # a new slide's row and its grid, or neither
-                slide_id = upsert_slide(conn.connection.cursor(), record)
-                store_grid(
-                    conn, slide_id, grid.embeddings, grid.tissue, encoder=name,
-                    encoder_sha256=grid.encoder_sha256, mpp=grid.mpp, cell_px=grid.cell_px,
-                )  # fmt: skip
         except CompressError as exc:
             raise UserError(str(exc)) from exc
         except UserError as exc:

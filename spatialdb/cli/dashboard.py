@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from spatialdb.db import connect, redact, resolve_url
+from spatialdb.config import ENV_DASHBOARD_URL
+from spatialdb.store.db import connect, redact, resolve_url
 
 APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
 
@@ -20,7 +21,6 @@ APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
 @click.pass_obj
 def dashboard(obj: dict, address: str, port: int) -> int:
     """Serve the dashboard (cohort, slide viewer, features, QuPath export) until Ctrl+C."""
-    from dashboard.data import ENV_URL
 
     url, _ = resolve_url(obj["db_url"])
     connect(url).dispose()  # one clear line now if the database is unusable
@@ -31,6 +31,6 @@ def dashboard(obj: dict, address: str, port: int) -> int:
         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
     ]  # fmt: skip
     try:
-        return subprocess.call(command, env={**os.environ, ENV_URL: url})
+        return subprocess.call(command, env={**os.environ, ENV_DASHBOARD_URL: url})
     except KeyboardInterrupt:
         return 0

@@ -2,10 +2,10 @@
 
 import click
 
-from spatialdb.citus import distribute, require_citus
 from spatialdb.config import home_dir
-from spatialdb.db import connect, current_revision, redact, resolve_url
-from spatialdb.embedded import EmbeddedCluster
+from spatialdb.scale.citus import distribute, require_citus
+from spatialdb.store.db import connect, current_revision, redact, resolve_url
+from spatialdb.store.embedded import EmbeddedCluster
 
 
 @click.group()

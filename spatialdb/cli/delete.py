@@ -4,8 +4,8 @@ import sys
 
 import click
 
-from spatialdb.catalog import delete_slide, find_slide
-from spatialdb.db import connect
+from spatialdb.store.catalog import delete_slide, find_slide
+from spatialdb.store.db import connect
 
 
 @click.command()

@@ -7,11 +7,11 @@ from pathlib import Path
 import click
 from sqlalchemy import text
 
-from spatialdb.catalog import find_slide
-from spatialdb.db import connect
 from spatialdb.errors import UserError
-from spatialdb.feature_export import FORMATS, LEVELS, export
-from spatialdb.features import refresh as refresh_slide
+from spatialdb.features.export import FORMATS, LEVELS, export
+from spatialdb.features.refresh import refresh as refresh_slide
+from spatialdb.store.catalog import find_slide
+from spatialdb.store.db import connect
 
 SLIDES_WITH_RUN = "SELECT id, name FROM slide WHERE current_run_id IS NOT NULL ORDER BY id"
 FEATURE_STATE = """

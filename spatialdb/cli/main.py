@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: exit 0 on success, 1 with one `spatialdb: error: ...` line on user errors."""
     from sqlalchemy.exc import OperationalError
 
-    from spatialdb.db import first_line, hide_lost_connection_reports, lost_connection
+    from spatialdb.store.db import first_line, hide_lost_connection_reports, lost_connection
 
     hide_lost_connection_reports()
     try:

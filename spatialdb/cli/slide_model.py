@@ -7,10 +7,10 @@ from pathlib import Path
 import click
 import numpy as np
 
-from spatialdb.catalog import find_slide
-from spatialdb.db import connect
-from spatialdb.embeddings import load_grids, resolve_encoder, store_predictions
 from spatialdb.errors import UserError
+from spatialdb.nic.embeddings import load_grids, resolve_encoder, store_predictions
+from spatialdb.store.catalog import find_slide
+from spatialdb.store.db import connect
 
 
 @click.group("slide-model")
@@ -145,7 +145,7 @@ def train(
 
 
 def _has_random(engine) -> bool:
-    from spatialdb.embeddings import encoders
+    from spatialdb.nic.embeddings import encoders
 
     return any(e["encoder"].startswith("random") for e in encoders(engine))
 

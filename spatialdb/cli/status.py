@@ -7,9 +7,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from spatialdb.catalog import slide_summaries
-from spatialdb.db import connect
-from spatialdb.schema import OBJECT_TABLES
+from spatialdb.store.catalog import slide_summaries
+from spatialdb.store.db import connect
+from spatialdb.store.schema import OBJECT_TABLES
 
 
 @click.command()

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from spatialdb.db import connect
-from spatialdb.embedded import EmbeddedCluster
-from spatialdb.schema import FEATURE_TABLES, OBJECT_TABLES
+from spatialdb.store.db import connect
+from spatialdb.store.embedded import EmbeddedCluster
+from spatialdb.store.schema import FEATURE_TABLES, OBJECT_TABLES
 from tests.slides import SAMPLE, write_pyramid
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -25,9 +25,9 @@ from sqlalchemy import text
 
 from benchmarks.synthetic import gland_slide, load_slide
 from dashboard.data import Reader
-from spatialdb import features
-from spatialdb.catalog import delete_slide
 from spatialdb.errors import DatabaseUnavailable
+from spatialdb.features.refresh import refresh
+from spatialdb.store.catalog import delete_slide
 from tests.faults.conftest import (
     ROOT,
     assert_consistent,
@@ -148,7 +148,7 @@ def places(fault_engine, env, crops, tmp_path_factory) -> dict:
     slide_id = load_slide(
         fault_engine, "refresh", gland_slide(glands=3_000, lumina=4_000, nuclei=300_000)
     )
-    features.refresh(fault_engine, slide_id)
+    refresh(fault_engine, slide_id)
     return {
         "crop": str(crop), "fresh": str(fresh), "geojson": str(geojson), "slide": str(slide_id),
         "small": str(slide_id_of(fault_engine, crop)),

@@ -1,0 +1,85 @@
+"""Gland–nuclei features: refreshing a slide's feature tables from its current objects.
+
+The features themselves are SQL (`migrations/sql/0002_features.sql`, with the current bodies of
+`gland_features()` and `slide_features()` in `0006_faster_features.sql`): `gland_features()`,
+`slide_features()` and `nucleus_features()`. A refresh holds the slide's row lock (so no run of
+that slide is committed meanwhile), lets `lanes` connections compute a share of the glands each
+(its own connection inserts the first share while the others are computed), and writes all rows
+in one transaction: readers see the old features or the new ones.
+
+    seconds = refresh(engine, slide_id)
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from sqlalchemy import Engine
+
+from spatialdb.errors import UserError
+from spatialdb.store.db import rollback_or_discard
+from spatialdb.store.loader import default_lanes
+
+BINARY = "WITH (FORMAT binary)"
+COPY_IN = "COPY {} FROM STDIN " + BINARY
+
+
+def refresh(engine: Engine, slide_id: int, lanes: int | None = None) -> float:
+    """Recompute one slide's gland and slide features; the seconds it took."""
+    started = time.perf_counter()
+    lanes = lanes or default_lanes()
+    raw = engine.raw_connection()
+    try:
+        cur = raw.cursor()
+        cur.execute("SELECT current_run_id FROM slide WHERE id = %s FOR UPDATE", (slide_id,))
+        if cur.fetchone() is None:
+            raise UserError(f"no slide with id {slide_id}")
+        if lanes == 1:
+            cur.execute("SELECT refresh_slide_features(%s)", (slide_id,))
+        else:
+            # Lane 0 is inserted by this connection while the others compute theirs.
+            with ThreadPoolExecutor(lanes - 1) as pool:
+                others = [
+                    pool.submit(_gland_rows, engine, slide_id, k, lanes) for k in range(1, lanes)
+                ]
+                cur.execute("DELETE FROM gland_feature WHERE slide_id = %s", (slide_id,))
+                cur.execute("DELETE FROM slide_feature WHERE slide_id = %s", (slide_id,))
+                cur.execute(
+                    "INSERT INTO gland_feature SELECT * FROM gland_features(%s, 0, %s)",
+                    (slide_id, lanes),
+                )
+                for rows in others:
+                    cur.copy_expert(COPY_IN.format("gland_feature"), rows.result())
+            # Out and back in rather than INSERT … SELECT: a query that feeds an INSERT never
+            # runs in parallel, while this one counts the slide's objects with parallel workers.
+            row = _copy_out(cur, "SELECT * FROM slide_features(%s)", (slide_id,))
+            cur.copy_expert(COPY_IN.format("slide_feature"), row)
+        raw.commit()
+    except BaseException:
+        rollback_or_discard(raw)
+        raise
+    finally:
+        raw.close()
+    return time.perf_counter() - started
+
+
+def _gland_rows(engine: Engine, slide_id: int, lane: int, lanes: int) -> io.BytesIO:
+    """One lane's share of the slide's gland_feature rows, as binary COPY data."""
+    raw = engine.raw_connection()
+    try:
+        return _copy_out(
+            raw.cursor(), "SELECT * FROM gland_features(%s, %s, %s)", (slide_id, lane, lanes)
+        )
+    finally:
+        rollback_or_discard(raw)
+        raw.close()
+
+
+def _copy_out(cur, query: str, params: tuple) -> io.BytesIO:
+    """A query's rows as binary COPY data."""
+    rows = io.BytesIO()
+    cur.copy_expert(f"COPY ({cur.mogrify(query, params).decode()}) TO STDOUT {BINARY}", rows)
+    rows.seek(0)
+    return rows

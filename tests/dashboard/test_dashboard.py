@@ -1,0 +1,228 @@
+"""The dashboard: pages, filters, friendly messages and read-only access, through Streamlit's
+AppTest against the real PostGIS, and end to end in Debian's Chromium driven by Playwright."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import shapely
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from streamlit.testing.v1 import AppTest
+
+from dashboard.data import ENV_URL, Reader
+from spatialdb.store.loader import RunWriter
+from tests.conftest import make_slide
+from tests.features.test_features import load_known_slide
+
+APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture
+def app(db_url, monkeypatch):
+    """A fresh AppTest of the dashboard on the test database."""
+    monkeypatch.setenv(ENV_URL, db_url)
+
+    def run(page: str | None = None) -> AppTest:
+        at = AppTest.from_file(str(APP), default_timeout=120)
+        at.run()
+        if page:
+            at.sidebar.radio[0].set_value(page).run()
+        assert not at.exception, [e.value for e in at.exception]
+        return at
+
+    return run
+
+
+@pytest.fixture
+def slides(engine):
+    """Two slides with features and one whose new run has none yet."""
+    known = load_known_slide(engine, name="known")
+    other = load_known_slide(engine, name="other", nuclei_in_bar=3)
+    with RunWriter(engine, make_slide("pending", width=1000, height=1000, mpp=0.5)) as run:
+        run.add("gland", [shapely.box(10, 10, 200, 200)], "gland")
+        pending = run.commit().slide_id
+    return {"known": known, "other": other, "pending": pending}
+
+
+def elements(at: AppTest, kind: str) -> list:
+    return [e for e in at.get(kind)]
+
+
+def test_an_empty_database_gets_a_friendly_page(engine, app):
+    at = app()
+    assert any("No slides yet" in i.value for i in at.info)
+    assert not at.error
+
+
+def test_an_unreachable_database_gets_a_friendly_page(monkeypatch):
+    monkeypatch.setenv(ENV_URL, "postgresql://nobody@127.0.0.1:9/none?connect_timeout=2")
+    at = AppTest.from_file(str(APP), default_timeout=60).run()
+    assert not at.exception
+    assert any("cannot be reached" in e.value for e in at.error)
+
+
+def test_cohort_lists_slides_and_filters_them(app, slides):
+    at = app()
+    assert at.title[0].value == "Cohort"
+    table = at.dataframe[0].value
+    assert sorted(table["slide"]) == ["known", "other", "pending"]
+    assert table.set_index("slide").loc["known", "glands"] == 3
+    assert not table.set_index("slide").loc["pending", "features"]
+    at.text_input(key="cohort_name").input("oth").run()
+    assert list(at.dataframe[0].value["slide"]) == ["other"]
+    at.text_input(key="cohort_name").input("'; DROP TABLE slide; --").run()
+    assert at.dataframe[0].value.empty and not at.exception
+    at.text_input(key="cohort_name").input("").run()
+    at.checkbox(key="cohort_features").check().run()
+    assert sorted(at.dataframe[0].value["slide"]) == ["known", "other"]
+
+
+def test_slide_page_draws_overlays_whole_and_zoomed(app, slides):
+    at = app("Slide")
+    at.sidebar.selectbox[0].set_value(slides["known"]).run()
+    assert at.title[0].value == f"Slide {slides['known']}: known"
+    (image,) = elements(at, "image")
+    assert image.proto.imgs[0].url
+    caption = image.proto.imgs[0].caption
+    assert "Nuclei: 9 drawn" in caption and "Glands: 3 drawn" in caption
+    legend = "".join(m.value for m in at.markdown)
+    assert "epithelial" in legend and "normal epithelium" in legend
+    at.toggle(key="zoom").set_value(True).run()
+    at.slider(key="zoom_x").set_value(5.0).run()
+    at.slider(key="zoom_y").set_value(5.0).run()
+    at.select_slider(key="zoom_um").set_value(100).run()
+    caption = elements(at, "image")[0].proto.imgs[0].caption
+    assert "field 0.10 mm wide" in caption
+    assert "Glands: 1 drawn" in caption  # only the square lies near the top-left corner
+
+
+def test_a_slide_without_features_says_so(app, slides):
+    at = app("Slide")
+    at.sidebar.selectbox[0].set_value(slides["pending"]).run()
+    assert any("no features for its current run" in w.value for w in at.warning)
+
+
+def test_features_page_plots_and_offers_downloads(app, slides):
+    at = app("Features")
+    charts = elements(at, "vega_lite_chart")
+    assert len(charts) >= 4  # histogram, box plot, scatter, nuclear densities
+    labels = [b.proto.label for b in elements(at, "download_button")]
+    assert labels == [
+        "gland features (csv)", "gland features (parquet)",
+        "slide features (csv)", "slide features (parquet)",
+    ]  # fmt: skip
+
+
+def test_export_page_writes_the_qupath_export(app, slides, tmp_path):
+    at = app("Export")
+    at.multiselect[0].set_value([slides["known"]]).run()
+    at.text_input(key="export_dir").input(str(tmp_path / "qp")).run()
+    at.button[0].click().run()
+    assert any("known.geojson.gz" in s.value for s in at.success)
+    assert (tmp_path / "qp" / "known.geojson.gz").exists()
+
+
+def test_the_dashboard_cannot_write(db_url, slides):
+    reader = Reader(db_url)
+    with reader.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM slide")).scalar() == 3
+        with pytest.raises(DBAPIError, match=r"permission denied|read-only"):
+            conn.execute(text("DELETE FROM slide"))
+    with reader.engine.connect() as conn:
+        assert conn.execute(text("SELECT current_user")).scalar() == "spatialdb_reader"
+    reader.engine.dispose()
+
+
+# -- in a real browser -------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def served(db_url, slides):
+    """The dashboard served by `streamlit run` on a free local port."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
+        "--server.address", "127.0.0.1", "--server.headless", "true",
+        "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+    ]  # fmt: skip
+    server = subprocess.Popen(
+        command,
+        env={**os.environ, ENV_URL: db_url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(url + "/_stcore/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        server.kill()
+        pytest.fail("the dashboard did not start: " + server.stdout.read().decode()[-2000:])
+    yield url
+    server.terminate()
+    server.wait(timeout=20)
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
+def test_every_page_renders_in_chromium(served, slides, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"],
+        )  # fmt: skip
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(served)
+        expect(page.get_by_role("heading", name="Cohort")).to_be_visible(timeout=60_000)
+        expect(page.get_by_text("3 of 3 slides")).to_be_visible()
+        page.screenshot(path=tmp_path / "cohort.png", full_page=True)
+        page.get_by_label("Slide name contains").fill("known")
+        page.get_by_label("Slide name contains").press("Enter")
+        expect(page.get_by_text("1 of 3 slides")).to_be_visible(timeout=30_000)
+
+        page.get_by_text("Slide", exact=True).first.click()
+        expect(page.get_by_role("heading", name="Slide")).to_be_visible(timeout=60_000)
+        overlay = page.locator("[data-testid='stImage'] img").first
+        expect(overlay).to_be_visible(timeout=60_000)
+        assert overlay.evaluate("img => img.naturalWidth") > 100
+        page.screenshot(path=tmp_path / "slide.png", full_page=True)
+
+        page.get_by_text("Features", exact=True).first.click()
+        expect(page.get_by_role("heading", name="Features")).to_be_visible(timeout=60_000)
+        charts = page.locator(
+            "[data-testid='stVegaLiteChart'] canvas, [data-testid='stVegaLiteChart'] svg"
+        )
+        expect(charts.first).to_be_visible(timeout=60_000)
+        deadline = time.monotonic() + 60
+        while charts.count() < 4 and time.monotonic() < deadline:  # charts render lazily
+            page.mouse.wheel(0, 2000)
+            page.wait_for_timeout(500)
+        assert charts.count() >= 4  # histogram, box plot, scatter, nuclear densities
+        page.screenshot(path=tmp_path / "features.png", full_page=True)
+        browser.close()
+    assert all(
+        (tmp_path / f"{name}.png").stat().st_size > 10_000
+        for name in ("cohort", "slide", "features")
+    )

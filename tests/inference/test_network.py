@@ -1,0 +1,68 @@
+"""The Cerberus network: the `cerberus` preset has the published checkpoint's parameter names and
+shapes, loads such a checkpoint with one call, and produces every head's output."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from inference import weights
+from inference.network import DECODERS, PATCH_HEAD, PRESETS, TISSUE_CLASSES, build
+
+PUBLISHED_KEYS = Path(__file__).parents[1] / "data" / "cerberus_state_dict_keys.txt"
+
+
+def published_layout() -> dict[str, tuple[int, ...]]:
+    layout = {}
+    for line in PUBLISHED_KEYS.read_text().splitlines():
+        key, shape = line.split("\t")
+        layout[key] = tuple(int(n) for n in shape.strip("()").split(",") if n.strip())
+    return layout
+
+
+def test_cerberus_preset_matches_the_published_parameter_layout():
+    state = build("cerberus").state_dict()
+    expected = published_layout()
+    assert len(expected) == 558
+    assert set(state) == set(expected)
+    mismatched = {
+        k: (tuple(v.shape), expected[k]) for k, v in state.items() if tuple(v.shape) != expected[k]
+    }
+    assert mismatched == {}
+
+
+def test_a_checkpoint_in_the_published_format_loads_with_one_call(tmp_path):
+    source = build("cerberus")
+    with torch.no_grad():
+        source.output_head["Nuclei#TYPE"]["TYPE"].x[1].conv.bias.fill_(0.25)
+    path = tmp_path / "weights.tar"
+    desc = {f"module.{k}": v for k, v in source.state_dict().items()}  # saved under DataParallel
+    torch.save({"desc": desc, "optimizer": {}}, path)
+    loaded, info = weights.load(path)  # the same flag as our own weights: --weights weights.tar
+    assert info.preset.name == "cerberus"
+    bias = loaded.output_head["Nuclei#TYPE"]["TYPE"].x[1].conv.bias
+    assert torch.all(bias == 0.25)
+
+
+@pytest.mark.parametrize("preset", ["cerberus", "cpu"])
+def test_forward_gives_every_head_at_input_size(preset):
+    size = PRESETS[preset].input_size
+    net = build(preset).eval()
+    with torch.no_grad():
+        out = net(torch.randint(0, 256, (1, 3, size, size)).float())
+    expected = {
+        f"{name.split('#')[0]}-{head}": channels for name, (head, channels) in DECODERS.items()
+    }
+    assert set(out) == {*expected, PATCH_HEAD}
+    for key, channels in expected.items():
+        assert out[key].shape == (1, channels, size, size), key
+    assert out[PATCH_HEAD].shape == (1, len(TISSUE_CLASSES))
+
+
+def test_cpu_preset_is_smaller_with_a_strided_stem_and_a_larger_kept_output():
+    cpu, cerberus = PRESETS["cpu"], PRESETS["cerberus"]
+    assert cpu.stem_stride == 2 and cerberus.stem_stride == 1
+    kept = cpu.output_size**2 / cpu.input_size**2
+    assert kept > 4 * cerberus.output_size**2 / cerberus.input_size**2
+    count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+    assert count(build("cpu")) * 5 < count(build("cerberus"))

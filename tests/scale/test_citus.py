@@ -1,0 +1,127 @@
+"""Citus scale-out: `spatialdb db upgrade --citus` and spatialdb/sql/citus.sql.
+
+Citus is not installable here, so against the test PostGIS the upgrade must refuse with one line
+and change nothing; the script itself, and loads and feature refreshes on the distributed tables,
+run on a real coordinator when SPATIALDB_CITUS_URL names one (e.g. the citusdata/citus image with
+PostGIS added).
+"""
+
+from __future__ import annotations
+
+import os
+
+import psycopg2
+import pytest
+import shapely
+from sqlalchemy import text
+
+from spatialdb.features.refresh import refresh
+from spatialdb.scale.citus import SCRIPT, distribute
+from spatialdb.store.catalog import delete_slide
+from spatialdb.store.db import connect
+from spatialdb.store.loader import RunWriter
+from tests.conftest import blobs, make_slide
+from tests.test_cli import assert_one_error_line, spatialdb
+
+CITUS_URL = os.environ.get("SPATIALDB_CITUS_URL")
+REFERENCE = {"slide", "model", "run", "object_class"}
+DISTRIBUTED = {"nucleus", "gland", "lumen", "tissue_region", "gland_feature", "slide_feature",
+               "slide_embedding", "slide_prediction"}  # fmt: skip
+
+SNAPSHOT = """
+SELECT (SELECT array_agg(relname::text || relkind::text ORDER BY relname) FROM pg_class
+        WHERE relnamespace = 'public'::regnamespace),
+       (SELECT array_agg(conname::text ORDER BY conname) FROM pg_constraint
+        WHERE connamespace = 'public'::regnamespace),
+       (SELECT version_num FROM alembic_version)
+"""
+
+
+def snapshot(engine):
+    with engine.connect() as conn:
+        return tuple(conn.execute(text(SNAPSHOT)).one())
+
+
+def test_upgrade_citus_without_citus_is_one_line_and_changes_nothing(engine, db_url, cli_env):
+    before = snapshot(engine)
+    result = spatialdb("--db-url", db_url, "db", "upgrade", "--citus", env=cli_env)
+    assert_one_error_line(result, "has no citus extension", "nothing was changed")
+    assert snapshot(engine) == before
+
+
+def test_upgrade_citus_on_the_embedded_server_is_one_line(cli_env):
+    env = {k: v for k, v in cli_env.items() if k != "SPATIALDB_URL"}
+    result = spatialdb("db", "upgrade", "--citus", env=env)
+    assert_one_error_line(result, "--citus: the embedded server has no Citus")
+
+
+def test_the_script_compiles_and_stops_before_any_change_without_citus(engine):
+    """PL/pgSQL compiles the whole block before running it: a syntax error would show here."""
+    before = snapshot(engine)
+    with pytest.raises(psycopg2.Error, match="the citus extension is not installed"):
+        distribute(engine)
+    assert snapshot(engine) == before
+    assert "create_distributed_table" in SCRIPT.read_text()
+
+
+@pytest.mark.skipif(not CITUS_URL, reason="set SPATIALDB_CITUS_URL to a Citus coordinator")
+def test_the_script_distributes_the_tables_by_slide_on_citus(cli_env):
+    for _ in range(2):  # the second run changes nothing
+        result = spatialdb("--db-url", CITUS_URL, "db", "upgrade", "--citus", env=cli_env)
+        assert result.returncode == 0, result.stderr
+    engine = connect(CITUS_URL)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT logicalrelid::text, partmethod, colocationid, "
+                "column_to_column_name(logicalrelid, partkey) FROM pg_dist_partition"
+            )
+        ).all()
+        tables = {r[0]: r for r in rows}
+        assert {t for t, r in tables.items() if r[1] == "n"} >= REFERENCE
+        distributed = {t: r for t, r in tables.items() if t in DISTRIBUTED}
+        assert set(distributed) == DISTRIBUTED
+        assert {(r[1], r[3]) for r in distributed.values()} == {("h", "slide_id")}
+        assert len({r[2] for r in distributed.values()}) == 1  # co-located
+        assert conn.execute(text("SELECT count(*) FROM gland_features(1)")).scalar_one() == 0
+    engine.dispose()
+
+
+@pytest.mark.skipif(not CITUS_URL, reason="set SPATIALDB_CITUS_URL to a Citus coordinator")
+def test_runs_load_replace_and_get_features_on_citus(cli_env):
+    """The loader's one-lane layout on a coordinator: each run is one distributed table."""
+    result = spatialdb("--db-url", CITUS_URL, "db", "upgrade", "--citus", env=cli_env)
+    assert result.returncode == 0, result.stderr
+    engine = connect(CITUS_URL)
+    slide, loaded = make_slide("citus-live"), None
+    try:
+        for seed in (1, 2):  # the second run replaces the first
+            with RunWriter(engine, slide, lanes=3) as run:
+                run.add("nucleus", blobs(400, seed=seed), "epithelial")
+                run.add("gland", [shapely.box(0, 0, 5_000, 5_000)], "gland")
+                loaded = run.commit()
+            refresh(engine, loaded.slide_id)
+        with engine.connect() as conn:
+            partitions = conn.execute(
+                text(
+                    "SELECT c.relname, c.relkind, p.partmethod FROM pg_inherits i "
+                    "JOIN pg_class c ON c.oid = i.inhrelid "
+                    "LEFT JOIN pg_dist_partition p ON p.logicalrelid = c.oid "
+                    "WHERE i.inhparent = 'nucleus'::regclass AND c.relname LIKE :name"
+                ),
+                {"name": f"nucleus_s{loaded.slide_id}_%"},
+            ).all()
+            assert [tuple(p) for p in partitions] == [
+                (f"nucleus_s{loaded.slide_id}_r{loaded.run_id}_l0", "r", "h")
+            ]
+            count, inside = conn.execute(
+                text(
+                    "SELECT nucleus_count, nuclei_in_glands FROM slide_feature WHERE slide_id = :s"
+                ),
+                {"s": loaded.slide_id},
+            ).one()
+        assert count == 400 and 0 < inside < 400
+    finally:
+        if loaded is not None:
+            delete_slide(engine, loaded.slide_id)
+        engine.dispose()
