@@ -28,8 +28,9 @@ sys.path.remove(str(Path(__file__).resolve().parent))
 
 from streamlit.testing.v1 import AppTest
 
-from dashboard.data import ENV_URL, Box
+from dashboard.data import Box
 from dashboard.overlay import VIEW_PX, slide_region
+from spatialdb.config import ENV_DASHBOARD_URL as ENV_URL
 from spatialdb.store.catalog import delete_slide
 from spatialdb.store.db import connect
 

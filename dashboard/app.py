@@ -10,7 +10,8 @@ import os
 import streamlit as st
 
 from dashboard import cohort_page, export_page, features_page, slide_page
-from dashboard.data import ENV_URL, Reader, Unavailable
+from dashboard.data import Reader, Unavailable
+from spatialdb.config import ENV_DASHBOARD_URL
 
 PAGES = {
     "Cohort": cohort_page.render,
@@ -30,7 +31,7 @@ def main() -> None:
     st.set_page_config(page_title="spatialdb", layout="wide")
     page = st.sidebar.radio("Page", list(PAGES), key="page")
     try:
-        db = reader(os.environ.get(ENV_URL) or os.environ.get("SPATIALDB_URL"))
+        db = reader(os.environ.get(ENV_DASHBOARD_URL) or os.environ.get("SPATIALDB_URL"))
         cohort = db.cohort()
     except Unavailable as exc:
         reader.clear()  # connect again on the next interaction

@@ -13,12 +13,9 @@ import pandas as pd
 from sqlalchemy import Engine, event, text
 from sqlalchemy.exc import DBAPIError
 
-from spatialdb.config import ENV_DASHBOARD_URL
 from spatialdb.interop.qupath_geojson import default_colour
 from spatialdb.store.db import make_engine
 
-#: The environment variable `spatialdb dashboard` hands the database URL over in.
-ENV_URL = ENV_DASHBOARD_URL  # set by `spatialdb dashboard`
 READER_ROLE = "spatialdb_reader"
 TABLES = ("nucleus", "gland", "lumen", "tissue_region")
 

@@ -18,7 +18,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from streamlit.testing.v1 import AppTest
 
-from dashboard.data import ENV_URL, Reader
+from dashboard.data import Reader
+from spatialdb.config import ENV_DASHBOARD_URL as ENV_URL
 from spatialdb.store.loader import RunWriter
 from tests.conftest import make_slide
 from tests.features.test_features import load_known_slide
