@@ -1,10 +1,12 @@
-"""Model speed: the CPU preset against the published Cerberus tiling, in the same run.
+"""Model speed: the CPU presets (the default `cpu-multiscale` and the first `cpu`) against the
+published Cerberus tiling, in the same run.
 
 For each preset: patches/s, µs per kept output pixel, time and FLOPs per mm² of tissue (kept
 output area at the preset's resolution), and peak memory (each preset runs in its own process, so
 VmHWM is its own). Inference as the product runs it: all heads, eval mode, bf16 autocast where the
-CPU has AMX (or on CUDA). The ratio of the published preset's time per mm² to the CPU preset's is
-the figure the issue asks to be at least 10.
+CPU has AMX (or on CUDA). Printed ratios: the published preset's time per mm² to each CPU
+preset's (the first CPU preset was to be at least 10x faster), and the new default's cost per mm²
+beside the old one's.
 
     python benchmarks/model_speed.py [--repeat 5] [--batch 2] [--device cpu|cuda]
 """
@@ -84,7 +86,7 @@ def main() -> int:
         print(json.dumps(measure(args.one, args.repeat, args.batch, args.device)))
         return 0
     results = {}
-    for name in ("cerberus", "cpu"):
+    for name in ("cerberus", "cpu", "cpu-multiscale"):
         out = subprocess.run(
             [
                 sys.executable,
@@ -103,7 +105,7 @@ def main() -> int:
             check=True,
         )
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
-    header = f"{'preset':10s}{'params M':>10s}{'patches/s':>11s}{'µs/out px':>11s}"
+    header = f"{'preset':16s}{'params M':>10s}{'patches/s':>11s}{'µs/out px':>11s}"
     header += f"{'s/mm²':>9s}{'GFLOP/mm²':>11s}{'peak MiB':>10s}  tiling"
     print(
         f"device: {args.device}, bf16 autocast: {results['cpu']['bf16']}, batch {args.batch},"
@@ -112,15 +114,22 @@ def main() -> int:
     print(header)
     for r in results.values():
         print(
-            f"{r['preset']:10s}{r['parameters_M']:10.2f}{r['patches_per_s']:11.3f}"
+            f"{r['preset']:16s}{r['parameters_M']:10.2f}{r['patches_per_s']:11.3f}"
             f"{r['us_per_output_px']:11.2f}{r['s_per_mm2']:9.2f}{r['gflop_per_mm2']:11.0f}"
             f"{r['peak_rss_mib']:10.0f}  {r['tiling']}"
         )
-    time_ratio = results["cerberus"]["s_per_mm2"] / results["cpu"]["s_per_mm2"]
-    flop_ratio = results["cerberus"]["gflop_per_mm2"] / results["cpu"]["gflop_per_mm2"]
+    for name in ("cpu", "cpu-multiscale"):
+        time_ratio = results["cerberus"]["s_per_mm2"] / results[name]["s_per_mm2"]
+        flop_ratio = results["cerberus"]["gflop_per_mm2"] / results[name]["gflop_per_mm2"]
+        print(
+            f"{name} vs published tiling per mm²: {time_ratio:.1f}x faster, "
+            f"{flop_ratio:.1f}x fewer FLOPs"
+        )
+    new, old = results["cpu-multiscale"], results["cpu"]
     print(
-        f"cpu preset vs published tiling per mm²: {time_ratio:.1f}x faster, "
-        f"{flop_ratio:.1f}x fewer FLOPs (target: >= 10x faster)"
+        f"cpu-multiscale (default) vs cpu (first weights) per mm²: "
+        f"{new['s_per_mm2'] / old['s_per_mm2']:.2f}x the time, "
+        f"{new['gflop_per_mm2'] / old['gflop_per_mm2']:.2f}x the FLOPs"
     )
     return 0
 

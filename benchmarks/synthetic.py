@@ -19,9 +19,9 @@ from spatialdb.store.catalog import SlideRecord
 from spatialdb.store.loader import RunWriter
 
 MPP = 0.5
-#: Side (level-0 px at MPP) of the ingest's post-processing regions: REGION_TILES tiles of the CPU
-#: preset's 384 px kept output, at its 0.5 µm/px.
-INGEST_REGION = 4 * 384
+#: Side (level-0 px at MPP) of the ingest's post-processing regions (`tiling.REGION_PX` at the
+#: CPU presets' 0.5 µm/px).
+INGEST_REGION = 1536
 #: Glands sit on a grid of this pitch (px); their outer radius stays below half of it.
 GLAND_PITCH = 600
 TISSUE_TILE = 384

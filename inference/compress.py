@@ -15,7 +15,7 @@ import torch
 
 from inference import tiling
 from inference.predict import autocast
-from inference.slide import TissueMask, tile_loader
+from inference.slide import TissueMask, default_batch, tile_loader
 
 #: Side of one grid cell, px at the model's resolution.
 CELL_PX = 128
@@ -79,7 +79,7 @@ def tissue_cells(reader, mask: TissueMask, preset) -> np.ndarray:
 
 
 def compress_slide(
-    reader, model, mask: TissueMask, *, device: str = "cpu", batch_size: int = 8
+    reader, model, mask: TissueMask, *, device: str = "cpu", batch_size: int | None = None
 ) -> SlideGrid:
     """The slide's grid: the encoder alone over the tissue tiles, read through tiatoolbox."""
 
@@ -95,7 +95,7 @@ def compress_slide(
     grid = empty_grid((int(h), int(w)), preset.widths[-1])
     wanted = [(r, c) for r, c in zip(*np.nonzero(tiles.tissue), strict=True)]
     if wanted:
-        loader = tile_loader(reader, preset, wanted, batch_size)
+        loader = tile_loader(reader, preset, wanted, batch_size or default_batch(preset))
         net.eval()
         for batch in loader:
             images = batch["image"].to(device, torch.float32).permute(0, 3, 1, 2)

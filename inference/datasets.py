@@ -1,6 +1,7 @@
-"""Training and evaluation data: readers for GlaS, MoNuSeg and the histolytics tile, resampled to
-the network's resolution from each image's own, plus the labels this project derives from them
-(lumen pseudo-labels inside GlaS glands, per-patch tissue classes from GlaS masks and grade).
+"""Training and evaluation data: readers for GlaS, MoNuSeg and CoNSeP, resampled to the network's
+resolution from each image's own, plus the labels this project derives from them (lumen
+pseudo-labels inside GlaS glands, per-patch tissue classes from GlaS masks and grade, and each
+gland's type from its image's grade).
 
 Every reader returns `LabelledImage`s that carry only the labels their dataset has; training
 treats the missing ones as absent, never as background.
@@ -19,18 +20,22 @@ from PIL import Image
 from scipy import ndimage
 from skimage.draw import polygon as fill_polygon
 
-from inference.network import NUCLEUS_TYPES, TISSUE_CLASSES
+from inference.network import LABELLED_GLAND_TYPES, LABELLED_NUCLEUS_TYPES, TISSUE_CLASSES
 from inference.targets import disk
 
 GLAS_MPP = 0.62  # 20x Zeiss MIRAX scans (Sirinukunwattana et al. 2017)
 MONUSEG_MPP = 0.25  # 40x TCGA; the XML's MicronsPerPixel wins where present
-HISTOLYTICS_MPP = 0.5  # undocumented; nuclear areas (median 61 µm² at 0.5) fit 20x
+#: CoNSeP's 1000 px images at 40x (about 0.25 µm/px) were resized to 1024 before being cut into
+#: 256 px patches (see ../shared/data/consep/PROVENANCE.md).
+CONSEP_MPP = 0.244
 
-#: histolytics classes -> Cerberus nuclear types (inflammatory cells there are mostly lymphocytes).
-HISTOLYTICS_TYPES = {
-    1: NUCLEUS_TYPES.index("connective"),
-    2: NUCLEUS_TYPES.index("lymphocyte"),
-    3: NUCLEUS_TYPES.index("epithelial"),
+#: CoNSeP's merged classes (1 other, 2 inflammatory, 3 epithelial, 4 spindle-shaped) as the
+#: project's nuclear types: spindle-shaped cells (fibroblast, muscle, endothelium) are connective.
+CONSEP_TYPES = {
+    1: LABELLED_NUCLEUS_TYPES.index("other"),
+    2: LABELLED_NUCLEUS_TYPES.index("inflammatory"),
+    3: LABELLED_NUCLEUS_TYPES.index("epithelial"),
+    4: LABELLED_NUCLEUS_TYPES.index("connective"),
 }
 
 
@@ -46,7 +51,8 @@ class LabelledImage:
     source: str
     image: np.ndarray  # (H, W, 3) uint8
     instances: dict[str, np.ndarray] = field(default_factory=dict)  # task -> int32 label map
-    nucleus_types: np.ndarray | None = None  # uint8 map of NUCLEUS_TYPES indices
+    #: task -> uint8 map of type indices (`LABELLED_NUCLEUS_TYPES`, `LABELLED_GLAND_TYPES`)
+    types: dict[str, np.ndarray] = field(default_factory=dict)
     grade: str | None = None  # GlaS: "benign" or "malignant"
     scale: float = 1.0  # resampled size / original size
 
@@ -115,13 +121,19 @@ def read_glas(root: Path, mpp: float, names: set[str] | None = None) -> list[Lab
         scale = GLAS_MPP / mpp
         image = resample_image(image, scale)
         glands = resample_labels(mask, image.shape[:2])
+        grade = grades.get(name)
+        types = {}
+        if grade in ("benign", "malignant"):
+            kind = LABELLED_GLAND_TYPES.index(f"{grade} gland")
+            types["Gland"] = np.where(glands > 0, kind, 0)
         out.append(
             LabelledImage(
                 name=name,
                 source="glas",
                 image=image,
                 instances={"Gland": glands, "Lumen": lumen_pseudo_labels(image, glands, mpp)},
-                grade=grades.get(name),
+                types={task: t.astype(np.uint8) for task, t in types.items()},
+                grade=grade,
                 scale=scale,
             )
         )
@@ -238,33 +250,105 @@ def read_monuseg(root: Path, mpp: float, names: set[str] | None = None) -> list[
     return out
 
 
-# --- histolytics ------------------------------------------------------------------------------
+# --- CoNSeP -----------------------------------------------------------------------------------
 
 
-def read_histolytics(root: Path, mpp: float) -> list[LabelledImage]:
+def consep_patches(root: Path) -> list[tuple[str, Path, Path, Path]]:
+    """(name, image, instance map, types) for a folder in the CoNSeP layout: `images/X.jpg|png`,
+    `inst/X.png` (16-bit instance map) and `types/X.mat` (`inst_type`, one class per instance in
+    the order of the patch's sorted non-zero ids)."""
     root = Path(root)
-    image_path = root / "hgsc_nest.jpg"
-    if not image_path.exists():
-        raise DatasetError(f"{root}: hgsc_nest.jpg not found")
-    scale = HISTOLYTICS_MPP / mpp
-    image = resample_image(np.asarray(Image.open(image_path).convert("RGB")), scale)
-    size = image.shape[:2]
-    instances = np.load(root / "hgsc_nest_inst_mask.npz")["nuc_raster"]
-    classes = np.load(root / "hgsc_nest_type_mask.npz")["nuc_raster"]
-    lookup = np.zeros(int(classes.max()) + 1, dtype=np.uint8)
-    for source, target in HISTOLYTICS_TYPES.items():
-        if source < len(lookup):
-            lookup[source] = target
-    return [
-        LabelledImage(
-            "hgsc_nest",
-            "histolytics",
-            image,
-            {"Nuclei": resample_labels(instances.astype(np.int32), size)},
-            nucleus_types=resample_labels(lookup[classes], size),
-            scale=scale,
+    if not all((root / sub).is_dir() for sub in ("images", "inst", "types")):
+        raise DatasetError(f"{root}: not a CoNSeP folder (images/, inst/ and types/)")
+    out = []
+    for image in sorted((root / "images").iterdir(), key=lambda p: _natural_key(p.stem)):
+        inst, types = root / "inst" / f"{image.stem}.png", root / "types" / f"{image.stem}.mat"
+        if inst.exists() and types.exists():
+            out.append((image.stem, image, inst, types))
+    if not out:
+        raise DatasetError(f"{root}: no CoNSeP patches (an image with inst/ and types/ files)")
+    return out
+
+
+def consep_image_of(name: str) -> str:
+    """The source image a patch was cut from: `train_3_007` -> `train_3`."""
+    return name.rsplit("_", 1)[0]
+
+
+def read_consep_patch(image_path: Path, inst_path: Path, types_path: Path):
+    """(image, instance map, per-pixel type map of `LABELLED_NUCLEUS_TYPES` indices) at the
+    patch's own resolution."""
+    from scipy.io import loadmat
+
+    image = np.asarray(Image.open(image_path).convert("RGB"))
+    instances = np.asarray(Image.open(inst_path)).astype(np.int32)
+    try:
+        classes = loadmat(types_path)["inst_type"].ravel().astype(int)
+    except (ValueError, KeyError, OSError) as exc:
+        raise DatasetError(f"{types_path}: no readable inst_type ({exc})") from None
+    ids = np.unique(instances)
+    ids = ids[ids > 0]
+    if len(ids) != len(classes):
+        raise DatasetError(
+            f"{types_path}: {len(classes)} classes for {len(ids)} instances in {inst_path.name}"
         )
-    ]
+    lookup = np.zeros(int(instances.max()) + 1, dtype=np.uint8)
+    lookup[ids] = [CONSEP_TYPES.get(int(c), 0) for c in classes]
+    return image, instances, lookup[instances]
+
+
+def read_consep(
+    root: Path, mpp: float, images: set[str] | None = None, mosaic: int = 2
+) -> list[LabelledImage]:
+    """CoNSeP patches of the chosen source images, `mosaic` x `mosaic` consecutive patches of one
+    image to a training image (the patches' grid order is unknown, so each keeps its own
+    instances: a nucleus cut by a patch edge stays cut)."""
+    groups: dict[str, list] = {}
+    for name, image_path, inst_path, types_path in consep_patches(root):
+        if images is None or consep_image_of(name) in images:
+            groups.setdefault(consep_image_of(name), []).append(
+                (name, image_path, inst_path, types_path)
+            )
+    scale = CONSEP_MPP / mpp
+    out = []
+    per = mosaic * mosaic
+    for source, patches in groups.items():
+        for start in range(0, len(patches) - per + 1, per):
+            parts = [read_consep_patch(*p[1:]) for p in patches[start : start + per]]
+            image, nuclei, types = _mosaic(parts, mosaic, scale)
+            name = f"{source}_{start // per}"
+            out.append(
+                LabelledImage(
+                    name, "consep", image, {"Nuclei": nuclei}, {"Nuclei": types}, scale=scale
+                )
+            )
+    return out
+
+
+def _mosaic(parts: list, side: int, scale: float):
+    """Resampled patches placed `side` x `side`, instance ids made unique across patches."""
+    images, nuclei, types = [], [], []
+    offset = 0
+    for image, instances, type_map in parts:
+        image = resample_image(image, scale)
+        size = image.shape[:2]
+        labels = resample_labels(instances, size)
+        labels = np.where(labels > 0, labels + offset, 0)
+        offset = max(offset, int(labels.max()))
+        images.append(image)
+        nuclei.append(labels)
+        types.append(resample_labels(type_map, size))
+
+    def grid(arrays):
+        h = min(a.shape[0] for a in arrays)
+        w = min(a.shape[1] for a in arrays)
+        rows = [
+            np.concatenate([a[:h, :w] for a in arrays[r * side : (r + 1) * side]], axis=1)
+            for r in range(side)
+        ]
+        return np.concatenate(rows, axis=0)
+
+    return grid(images), grid(nuclei).astype(np.int32), grid(types).astype(np.uint8)
 
 
 # --- helpers ----------------------------------------------------------------------------------

@@ -24,19 +24,20 @@ from tiatoolbox.models.models_abc import ModelABC
 from inference import tiling
 from inference.compress import place, tile_embeddings
 from inference.network import BOTTLENECK, CerberusNet
-from inference.predict import POSTPROCESS, autocast
-from inference.slide import TissueMask, tile_loader
+from inference.predict import POSTPROCESS, autocast, trained_channels
+from inference.slide import TissueMask, default_batch, tile_loader
 from inference.weights import WeightsInfo
 
 #: Heads returned by `infer_batch`, in order (each NHWC, centre-cropped to the kept output).
-SPATIAL_HEADS = ("Gland-INST", "Lumen-INST", "Nuclei-INST", "Nuclei-TYPE")
-TASKS = ("Gland", "Lumen", "Nuclei", "Nuclei#TYPE", "Patch-Class")
+SPATIAL_HEADS = ("Gland-INST", "Gland-TYPE", "Lumen-INST", "Nuclei-INST", "Nuclei-TYPE")
+TASKS = ("Gland", "Gland#TYPE", "Lumen", "Nuclei", "Nuclei#TYPE", "Patch-Class")
 
 
 class CerberusModel(ModelABC):
     """A `CerberusNet` as a tiatoolbox model. `infer_batch` returns softmax probabilities: one
     NHWC float16 array per spatial head (`SPATIAL_HEADS`), then the (N, 9) tissue-class vector,
-    and with `embeddings` the tiles' NIC cell embeddings (N, C, k, k)."""
+    and with `embeddings` the tiles' NIC cell embeddings (N, C, k, k). Classes the weights were
+    not trained on get probability zero (`inference.predict.without_untrained`)."""
 
     def __init__(self, net: CerberusNet, info: WeightsInfo, *, embeddings: bool = False):
         super().__init__()
@@ -44,6 +45,7 @@ class CerberusModel(ModelABC):
         self.info = info
         self.class_dict = dict(enumerate(info.classes["Patch-Class"]))
         self.tasks = (*TASKS, BOTTLENECK) if embeddings else TASKS
+        self.trained = {k: torch.from_numpy(v) for k, v in trained_channels(info).items()}
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.net(images, tasks=self.tasks)
@@ -57,11 +59,14 @@ class CerberusModel(ModelABC):
         keep = slice(margin, margin + preset.output_size)
         with torch.inference_mode(), autocast(device):
             out = model(images)
-        heads = [
-            out[name][..., keep, keep].float().softmax(dim=1).permute(0, 2, 3, 1)
-            for name in SPATIAL_HEADS
-        ]
-        patch = out["Patch-Class"].float().softmax(dim=1)
+        heads = []
+        for name in SPATIAL_HEADS:
+            probs = out[name][..., keep, keep].float().softmax(dim=1)
+            if name in model.trained:
+                probs = probs * model.trained[name].to(probs.device).view(1, -1, 1, 1)
+            heads.append(probs.permute(0, 2, 3, 1))
+        patch = out["Patch-Class"].float().softmax(dim=1) * model.trained["Patch-Class"].to(device)
+        patch = patch / patch.sum(dim=1, keepdim=True).clamp_min(1e-12)
         arrays = (*(h.half().cpu().numpy() for h in heads), patch.cpu().numpy())
         if BOTTLENECK in out:  # NIC cell embeddings of each tile, (N, C, k, k)
             arrays += (tile_embeddings(model.net, out[BOTTLENECK]).float().cpu().numpy(),)
@@ -74,18 +79,19 @@ def segment_slide(
     tissue: TissueMask,
     *,
     device: str = "cpu",
-    batch_size: int = 8,
+    batch_size: int | None = None,
     workers: int | None = None,
     timings: dict | None = None,
     progress=None,
-    region_tiles: int = tiling.REGION_TILES,
+    region_tiles: int | None = None,
     embeddings: np.ndarray | None = None,
 ) -> Iterator[tiling.Objects]:
     """Nuclei, glands, lumina (per region, as they are finished) and then tissue regions of a
     slide, as polygons in level-0 pixels. `workers` post-processing processes (default: one per
     core; 0 = in this process). `timings` receives seconds per phase (`read`, `infer`, `wait`
     for post-processing, and `postprocess`, summed over workers); `progress(done, total)` is
-    called after each batch of tiles. `region_tiles` sets the post-processing regions' size.
+    called after each batch of tiles (`batch_size` of them; default `default_batch`).
+    `region_tiles` sets the post-processing regions' size (default `tiling.region_shape`).
     `embeddings` (an `inference.compress.empty_grid`, with a model made with `embeddings=True`)
     receives the slide's NIC grid from the same forward passes."""
     timings = timings if timings is not None else {}
@@ -107,10 +113,11 @@ def segment_slide(
         "settings": {**POSTPROCESS, **info.postprocess},
         "mpp": preset.mpp,
         "nucleus_types": list(info.classes["Nuclei#TYPE"]),
+        "gland_types": list(info.classes["Gland#TYPE"]),
     }
     tiles, tile_classes = {}, {}
     if sched.order:
-        loader = tile_loader(reader, preset, sched.order, batch_size)
+        loader = tile_loader(reader, preset, sched.order, batch_size or default_batch(preset))
         workers = (os.cpu_count() or 1) if workers is None else workers
         pool = (
             ProcessPoolExecutor(workers, initializer=_die_with, initargs=(os.getpid(),))

@@ -5,6 +5,13 @@ A ResNet encoder shared by separate U-Net-style decoders with additive skips, on
 a patch-classification head on the centre of the bottleneck. Module names follow the published
 implementation so that its checkpoint loads into the `cerberus` preset unchanged
 (see docs/cerberus_layout.md); smaller presets reuse the same structure with other widths.
+
+Two options of a preset go beyond the published design. `gland_scale` runs the region tasks
+(glands, lumina, gland type, tissue class) on the input downsampled by that factor, through the
+same encoder: at 1 µm/px the network sees twice the tissue per pixel of receptive field, enough
+for the largest malignant glands. `fine_stage` adds a last decoder stage at the input's own
+resolution to the nuclear decoders (a strided stem otherwise ends them at half of it), fed by a
+shallow full-resolution convolution of the input as its skip.
 """
 
 from __future__ import annotations
@@ -17,14 +24,17 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-#: Segmentation decoders: name -> (output head name, output channels).
+#: Segmentation decoders: name -> output head name. INST heads have 3 channels (background /
+#: eroded inner / contour), TYPE heads one per class of the preset (index 0 = no label).
 DECODERS = {
-    "Gland": ("INST", 3),  # background / eroded inner / contour
-    "Gland#TYPE": ("TYPE", 3),
-    "Lumen": ("INST", 3),
-    "Nuclei": ("INST", 3),
-    "Nuclei#TYPE": ("TYPE", 7),
+    "Gland": "INST",
+    "Gland#TYPE": "TYPE",
+    "Lumen": "INST",
+    "Nuclei": "INST",
+    "Nuclei#TYPE": "TYPE",
 }
+#: Decoders of the region tasks (run at `Preset.gland_scale`); the others are nuclear.
+REGION_DECODERS = ("Gland", "Gland#TYPE", "Lumen")
 PATCH_HEAD = "Patch-Class"
 #: Asked for as a task, the encoder's last feature map is returned too (for compression).
 BOTTLENECK = "Bottleneck"
@@ -39,6 +49,10 @@ NUCLEUS_TYPES = (
     "connective",
 )
 GLAND_TYPES = ("nolabel", "gland", "surface-epi")
+#: The classes this project's manual labels teach: CoNSeP's four nuclear classes (Graham et al.
+#: 2019, merged as in HoVer-Net) and GlaS's grade given to each gland of an image.
+LABELLED_NUCLEUS_TYPES = ("nolabel", "other", "inflammatory", "epithelial", "connective")
+LABELLED_GLAND_TYPES = ("nolabel", "benign gland", "malignant gland")
 TISSUE_CLASSES = (
     "background",
     "abnormal epithelium",
@@ -65,6 +79,10 @@ class Preset:
     head_channels: int = 96
     imagenet_fc: bool = False  # the published checkpoint carries an unused 1000-class fc
     mpp: float = 0.5
+    gland_scale: int = 1  # region tasks run on the input downsampled by this factor
+    fine_stage: bool = False  # nuclear decoders end at the input's resolution
+    nucleus_types: tuple[str, ...] = NUCLEUS_TYPES
+    gland_types: tuple[str, ...] = GLAND_TYPES
 
     @property
     def total_stride(self) -> int:
@@ -72,8 +90,16 @@ class Preset:
 
     @property
     def patch_cells(self) -> int:
-        """Bottleneck cells under the kept output (Cerberus: 144 px / 16 = 9)."""
-        return self.output_size // self.total_stride
+        """Bottleneck cells of the region branch under the kept output (Cerberus: 144 / 16 = 9)."""
+        return self.output_size // (self.total_stride * self.gland_scale)
+
+    def channels(self, decoder: str) -> int:
+        """Output channels of a decoder's head."""
+        if decoder == "Nuclei#TYPE":
+            return len(self.nucleus_types)
+        if decoder == "Gland#TYPE":
+            return len(self.gland_types)
+        return 3
 
 
 PRESETS = {
@@ -98,7 +124,26 @@ PRESETS = {
         output_size=384,
         head_channels=32,
     ),
+    # The cpu encoder and decoders, with the region tasks at 1 µm/px (a 1024 px tile at 0.5 µm/px
+    # is 512 µm of tissue for them, 384 µm of it kept), a full-resolution last stage for nuclei,
+    # and heads for the classes the project's manual labels teach.
+    "cpu-multiscale": Preset(
+        name="cpu-multiscale",
+        widths=(32, 32, 64, 128, 256),
+        blocks=(2, 2, 2, 2),
+        stem_stride=2,
+        input_size=1024,
+        output_size=768,
+        head_channels=32,
+        gland_scale=2,
+        fine_stage=True,
+        nucleus_types=LABELLED_NUCLEUS_TYPES,
+        gland_types=LABELLED_GLAND_TYPES,
+    ),
 }
+
+#: Channels of the fine stage's full-resolution skip and of its output.
+FINE_CHANNELS = 16
 
 
 class Encoder(nn.Module):
@@ -179,16 +224,18 @@ class OutputHead(nn.Module):
         return self.x(x)
 
 
-def _decoder(f: tuple[int, ...]) -> nn.ModuleList:
-    """Four upsampling stages from the bottleneck back to the stem's resolution."""
-    return nn.ModuleList(
-        [
-            ConvBlock(f[-2], [f[-2], f[-3]], 3),
-            ConvBlock(f[-3], [f[-3], f[-4]], 3),
-            ConvBlock(f[-4], [f[-4], f[-5]], 3),
-            ConvBlock(f[-5], [f[-5], f[-5]], 3),
-        ]
-    )
+def _decoder(f: tuple[int, ...], fine: bool) -> nn.ModuleList:
+    """Four upsampling stages from the bottleneck back to the stem's resolution, and with `fine`
+    a fifth to the input's."""
+    stages = [
+        ConvBlock(f[-2], [f[-2], f[-3]], 3),
+        ConvBlock(f[-3], [f[-3], f[-4]], 3),
+        ConvBlock(f[-4], [f[-4], f[-5]], 3),
+        ConvBlock(f[-5], [f[-5], f[-5]], 3),
+    ]
+    if fine:
+        stages.append(ConvBlock(f[-5], [FINE_CHANNELS], 3))
+    return nn.ModuleList(stages)
 
 
 class CerberusNet(nn.Module):
@@ -201,7 +248,12 @@ class CerberusNet(nn.Module):
         f = preset.widths
         self.backbone = Encoder(preset)
         self.conv_map = nn.Conv2d(f[-1], f[-2], 1, bias=False)
-        heads: dict[str, nn.Module] = {name: _decoder(f) for name in DECODERS}
+        fine = preset.fine_stage
+
+        def has_fine_stage(name: str) -> bool:
+            return fine and name not in REGION_DECODERS
+
+        heads: dict[str, nn.Module] = {name: _decoder(f, has_fine_stage(name)) for name in DECODERS}
         heads[PATCH_HEAD] = nn.Sequential(
             OrderedDict(
                 bn1=nn.BatchNorm2d(f[-1], eps=1e-5),
@@ -216,15 +268,47 @@ class CerberusNet(nn.Module):
         self.decoder_head = nn.ModuleDict(heads)
         self.output_head = nn.ModuleDict(
             {
-                name: nn.ModuleDict({head: OutputHead(f[0], preset.head_channels, channels)})
-                for name, (head, channels) in DECODERS.items()
+                name: nn.ModuleDict(
+                    {
+                        head: OutputHead(
+                            FINE_CHANNELS if has_fine_stage(name) else f[0],
+                            preset.head_channels,
+                            preset.channels(name),
+                        )
+                    }
+                )
+                for name, head in DECODERS.items()
             }
         )
+        if fine:
+            self.fine_skip = ConvLayer(3, f[0], 3)
 
     def forward(self, images: torch.Tensor, tasks: tuple[str, ...] | None = None) -> dict:
+        """Every requested head for images at `preset.mpp`; region tasks go through the
+        downsampled branch when the preset has one, their logits brought back to input size."""
+        scale = self.preset.gland_scale
+        wanted = set(DECODERS) | {PATCH_HEAD} if tasks is None else set(tasks)
+        region = wanted & {*REGION_DECODERS, PATCH_HEAD}
+        if scale == 1 or not region:
+            return self.decode(images, tasks)
+        out = self.decode(images, tuple(wanted - region)) if wanted - region else {}
+        coarse = self.decode(F.avg_pool2d(images, scale), tuple(region))
+        for name, logits in coarse.items():
+            if logits.ndim == 4:
+                logits = F.interpolate(
+                    logits, size=images.shape[-2:], mode="bilinear", align_corners=False
+                )
+            out[name] = logits
+        return out
+
+    def decode(self, images: torch.Tensor, tasks: tuple[str, ...] | None = None) -> dict:
+        """The requested heads from one pass of the encoder over `images` as they are (training
+        feeds the region tasks images already at their resolution)."""
         size = images.shape[-2:]
         feats = self.backbone(images / 255.0)
         bottom = self.conv_map(feats[-1])
+        skips = feats[-2::-1]  # the four encoder maps a decoder adds, coarsest first
+        fine_skip = None
         out = {}
         for name, blocks in self.decoder_head.items():
             if name == PATCH_HEAD or (tasks is not None and name not in tasks):
@@ -232,7 +316,12 @@ class CerberusNet(nn.Module):
             x = bottom
             for i, block in enumerate(blocks):
                 x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-                x = block(feats[-(i + 2)] + x)
+                if i < len(skips):
+                    x = block(skips[i] + x)
+                    continue
+                if fine_skip is None:
+                    fine_skip = self.fine_skip(images / 255.0)
+                x = block(fine_skip + x)
             for head, module in self.output_head[name].items():
                 logits = module(x)
                 if logits.shape[-2:] != size:  # strided stems decode below input resolution

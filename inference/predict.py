@@ -22,6 +22,42 @@ POSTPROCESS = {
     "min_area_um2": {"Gland": 600.0, "Lumen": 10.0, "Nuclei": 3.0},
 }
 SEGMENTATION_HEADS = {"Gland": "Gland-INST", "Lumen": "Lumen-INST", "Nuclei": "Nuclei-INST"}
+#: Classifying heads: decoder (as in a weights file's `classes`) -> output name.
+CLASS_HEADS = {
+    "Nuclei#TYPE": "Nuclei-TYPE",
+    "Gland#TYPE": "Gland-TYPE",
+    "Patch-Class": "Patch-Class",
+}
+
+
+def trained_channels(info) -> dict[str, np.ndarray]:
+    """Per classifying output, which channels may be emitted: those of classes the weights were
+    trained on (a weights file's `untrained` lists the others), and channel 0 of the type heads
+    (no label)."""
+    out = {}
+    for decoder, head in CLASS_HEADS.items():
+        names = info.classes[decoder]
+        untrained = set(info.untrained.get(decoder, []))
+        keep = np.array([name not in untrained for name in names])
+        if decoder != "Patch-Class":
+            keep[0] = True
+        out[head] = keep
+    return out
+
+
+def without_untrained(maps: dict[str, np.ndarray], info, axis: int = 0) -> dict[str, np.ndarray]:
+    """Head probabilities with the channels of untrained classes set to zero (and the tissue
+    classes renormalised), so that no class the model was never taught is chosen."""
+    out = dict(maps)
+    for head, keep in trained_channels(info).items():
+        if head in out:
+            shape = [1] * out[head].ndim
+            shape[axis] = len(keep)
+            masked = out[head] * keep.reshape(shape)
+            if head == "Patch-Class":
+                masked = masked / np.maximum(masked.sum(axis=axis, keepdims=True), 1e-12)
+            out[head] = masked
+    return out
 
 
 def use_bf16(device: str) -> bool:

@@ -114,6 +114,11 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def default_batch(preset) -> int:
+    """Patches per forward pass: 8 of 512 px, fewer of larger patches (the same pixels)."""
+    return max(1, round(8 * (512 / preset.input_size) ** 2))
+
+
 def tile_loader(reader, preset, tiles: list[tuple[int, int]], batch_size: int):
     """Batches of the model's input patches (tiatoolbox's `WSIPatchDataset`) for the output
     tiles `tiles` ((row, col) of the preset's output grid at its mpp), in that order."""

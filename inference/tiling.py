@@ -1,16 +1,16 @@
 """Whole-slide post-processing in bounded memory, without seams.
 
 The network's kept outputs tile the slide on a grid (`Grid`, at the model's resolution). The grid
-is cut into square *regions* of `REGION_TILES`² tiles. Each region is post-processed on a window
-that adds `GLAND_MARGIN_TILES` tiles of neighbouring output on every side (`NUCLEI_MARGIN_PX` for
-nuclei), and keeps only the objects whose centroid lies in its own core. Cores partition the
-slide, so every object comes out exactly once, and whole as long as it reaches no further than
-the margin beyond its core (two 384 px tiles, 384 µm, for glands with the CPU preset; larger
-glands that touch the window edge are counted as `truncated`).
+is cut into square *regions* of about `REGION_PX` per side (whole tiles). Each region is
+post-processed on a window that adds about `GLAND_MARGIN_PX` of neighbouring output on every side
+(`NUCLEI_MARGIN_PX` for nuclei), and keeps only the objects whose centroid lies in its own core.
+Cores partition the slide, so every object comes out exactly once, and whole as long as it
+reaches no further than the margin beyond its core (768 px, 384 µm at 0.5 µm/px; larger glands
+that touch the window edge are counted as `truncated`).
 
 Regions are visited row by row and tiles are inferred in the order the regions need them, so
 only the tiles still needed by a later region (about 2 × margin rows of tiles) are held, as
-5 uint8 channels per pixel (`CHANNELS`).
+6 uint8 channels per pixel (`CHANNELS`).
 """
 
 from __future__ import annotations
@@ -27,9 +27,18 @@ from inference.postprocess import majority_types
 from inference.predict import instances
 
 #: Per-pixel channels kept of each tile output, as uint8 (probabilities × 255, or a type index).
-CHANNELS = ("gland_inner", "lumen_inner", "nuclei_inner", "nuclei_contour", "nuclei_type")
-REGION_TILES = 4
-GLAND_MARGIN_TILES = 2
+CHANNELS = (
+    "gland_inner",
+    "lumen_inner",
+    "nuclei_inner",
+    "nuclei_contour",
+    "nuclei_type",
+    "gland_type",
+)
+#: The leading CHANNELS that hold probabilities (the rest are type indices).
+PROBABILITY_CHANNELS = 4
+REGION_PX = 1536
+GLAND_MARGIN_PX = 768
 NUCLEI_MARGIN_PX = 64
 
 
@@ -90,16 +99,26 @@ class Grid:
 
 @dataclass(frozen=True)
 class Region:
-    """A square of `REGION_TILES`² tiles (its core) and the tiles of its window."""
+    """A square of tiles (its core) and the tiles of its window."""
 
     index: int
     core: tuple[int, int, int, int]  # tile rows/cols [r0, r1) × [c0, c1)
     window: tuple[int, int, int, int]
 
 
-def regions(grid: Grid, size: int = REGION_TILES, margin: int = GLAND_MARGIN_TILES):
-    """Regions with tissue in their core, row by row. A slide that fits in one window is one
-    region: windows around smaller cores would only repeat its post-processing."""
+def region_shape(tile: int) -> tuple[int, int]:
+    """Core side and margin of regions, in tiles of `tile` px: `REGION_PX` and `GLAND_MARGIN_PX`
+    whatever the tile size (4 and 2 tiles of 384 px, 2 and 1 of 768 px)."""
+    return max(1, round(REGION_PX / tile)), max(1, -(-GLAND_MARGIN_PX // tile))
+
+
+def regions(grid: Grid, size: int | None = None, margin: int | None = None):
+    """Regions with tissue in their core, row by row (`size` and `margin` in tiles, default
+    `region_shape`). A slide that fits in one window is one region: windows around smaller
+    cores would only repeat its post-processing."""
+    default_size, default_margin = region_shape(grid.tile)
+    size = size or default_size
+    margin = default_margin if margin is None else margin
     if grid.rows <= size + 2 * margin and grid.cols <= size + 2 * margin:
         size = max(grid.rows, grid.cols)
     out = []
@@ -143,7 +162,7 @@ def schedule(grid: Grid, plan: list[Region]) -> Schedule:
 
 
 def reduce_tile(heads: dict[str, np.ndarray]) -> np.ndarray:
-    """The `CHANNELS` of one tile from its head probabilities (C, h, w) as (5, h, w) uint8."""
+    """The `CHANNELS` of one tile from its head probabilities (C, h, w) as (6, h, w) uint8."""
 
     def u8(p):
         return np.clip(np.rint(p.astype(np.float32) * 255), 0, 255).astype(np.uint8)
@@ -155,12 +174,13 @@ def reduce_tile(heads: dict[str, np.ndarray]) -> np.ndarray:
             u8(heads["Nuclei-INST"][1]),
             u8(heads["Nuclei-INST"][2]),
             heads["Nuclei-TYPE"].argmax(axis=0).astype(np.uint8),
+            heads["Gland-TYPE"].argmax(axis=0).astype(np.uint8),
         ]
     )
 
 
 def assemble(grid: Grid, region: Region, tiles: dict) -> tuple[np.ndarray, tuple[int, int]]:
-    """The region's window as one (5, H, W) array, cropped to the slide, and its top-left (y, x)
+    """The region's window as one (6, H, W) array, cropped to the slide, and its top-left (y, x)
     in model pixels. Outside the tissue mask it is zero: no objects on glass, and none cut off
     by the edge of the inferred tiles."""
     r0, r1, c0, c1 = region.window
@@ -178,7 +198,7 @@ def assemble(grid: Grid, region: Region, tiles: dict) -> tuple[np.ndarray, tuple
     ys = np.minimum(((np.arange(y0, y0 + h) + 0.5) * fy).astype(int), grid.mask.shape[0] - 1)
     xs = np.minimum(((np.arange(x0, x0 + w) + 0.5) * fx).astype(int), grid.mask.shape[1] - 1)
     window = window[:, :h, :w]
-    window[:4] *= grid.mask[np.ix_(ys, xs)]
+    window[:PROBABILITY_CHANNELS] *= grid.mask[np.ix_(ys, xs)]
     return window, (y0, x0)
 
 
@@ -194,6 +214,7 @@ class RegionJob:
     settings: dict
     mpp: float
     nucleus_types: list[str]
+    gland_types: list[str]
 
 
 def region_job(grid: Grid, region: Region, tiles: dict, **fields) -> RegionJob:
@@ -232,13 +253,16 @@ def process_region(job: RegionJob) -> tuple[list[Objects], dict]:
 
     truncated = 0
     border = _window_border(regions_["Gland"], job)
-    for task, probs, name in (("Gland", gland, "gland"), ("Lumen", lumen, "lumen")):
+    for task, probs in (("Gland", gland), ("Lumen", lumen)):
         labels = regions_[task]
         kept, geoms = _owned_polygons(labels, (oy, ox), job)
         mean = _label_means(labels, probs)
-        out.append(Objects(task, geoms, [name] * len(kept), mean[kept].astype(np.float32)))
+        classes = [task.lower()] * len(kept)
         if task == "Gland":
             truncated = len(set(kept) & border)
+            types = majority_types(labels, job.window[5], len(job.gland_types))
+            classes = [job.gland_types[types[i][0]] if i in types else "gland" for i in kept]
+        out.append(Objects(task, geoms, classes, mean[kept].astype(np.float32)))
     return out, {"truncated": truncated}
 
 

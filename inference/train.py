@@ -1,12 +1,12 @@
 """Sparse multi-task training of the Cerberus network.
 
-Phase 1 trains the encoder with the gland, lumen and nucleus segmentation heads and the patch
-classifier on mixed batches: a task sampler draws each sample's dataset by configured weights
-(the datasets differ in size by orders of magnitude), each sample carries only its own labels,
-and each head's loss averages over the samples that have them. Phase 2 is the transfer step of
-the paper: the encoder is frozen and only the nuclear-typing decoder learns.
+Every step trains all heads on two batches: a *region* batch of GlaS crops at the region tasks'
+resolution (`Preset.gland_scale` times coarser than the input) for glands, lumina, gland type and
+tissue class, and a *nuclear* batch at the input resolution for nuclei and their types, drawn from
+the nuclear datasets by configured weights (they differ in size by orders of magnitude). Each
+sample carries only its own labels, and each head's loss averages over the samples that have them.
 
-    python -m inference.train --config configs/cpu.toml [--resume]
+    python -m inference.train --config configs/cpu-multiscale.toml [--resume]
 
 Checkpoints go to `<out>/checkpoint.pt` (resumable), the result to `<out>/weights.pt`.
 """
@@ -28,38 +28,56 @@ import torch.nn.functional as F
 
 from inference import datasets, weights
 from inference.datasets import LabelledImage
-from inference.network import NUCLEUS_TYPES, TISSUE_CLASSES, CerberusNet, build
+from inference.network import (
+    LABELLED_GLAND_TYPES,
+    PATCH_HEAD,
+    TISSUE_CLASSES,
+    CerberusNet,
+    Preset,
+    build,
+)
 from inference.predict import POSTPROCESS, autocast, use_bf16
 from inference.targets import inner_contour_map, unet_weight_map
 
 SEGMENTATION_TASKS = ("Gland", "Lumen", "Nuclei")
-OUTPUT = {"Gland": "Gland-INST", "Lumen": "Lumen-INST", "Nuclei": "Nuclei-INST"}
+TYPED_TASKS = ("Gland", "Nuclei")  # tasks whose instances have a type head, `<task>#TYPE`
+REGION_TASKS = ("Gland", "Lumen", "Gland#TYPE", PATCH_HEAD)
+NUCLEAR_TASKS = ("Nuclei", "Nuclei#TYPE")
+#: Tissue classes the GlaS-derived labels give (see `datasets.tissue_class`).
+LABELLED_TISSUE = ("background", "normal epithelium", "abnormal epithelium", "stroma")
 
 
 @dataclass
 class TrainConfig:
     """Everything a run depends on; read from a TOML file, overridable on the command line."""
 
-    preset: str = "cpu"
+    preset: str = "cpu-multiscale"
     data: str = "../shared/data"
-    out: str = "runs/cpu"
+    out: str = "runs/cpu-multiscale"
     device: str = "cpu"
     bf16: bool = True  # autocast on CPUs with AMX and on CUDA
     threads: int = 0  # torch CPU threads; 0 = torch's default
     seed: int = 0
-    crop: int = 256
+    crop: int = 256  # nuclear crops, px at the input resolution
+    region_crop: int = 320  # GlaS crops, px at the region resolution
     batch: int = 8
-    steps: int = 3000  # phase 1
-    typing_steps: int = 400  # phase 2 (frozen encoder)
+    region_batch: int = 6
+    steps: int = 3000
     lr: float = 1e-3
-    typing_lr: float = 5e-4
     weight_decay: float = 1e-4
     warmup: int = 100
-    init: str | None = None  # start from these weights (a second schedule) instead of scratch
-    mix: dict[str, float] = field(default_factory=lambda: {"glas": 0.55, "monuseg": 0.45})
+    init: str | None = None  # start from these weights (parameters of matching name and shape)
+    mix: dict[str, float] = field(default_factory=lambda: {"monuseg": 0.4, "consep": 0.6})
     patch_loss_weight: float = 0.5
     glas_val_every: int = 5  # every 5th GlaS image (train_5, train_10, ...) is held out
-    monuseg_held_out: list[str] = field(default_factory=lambda: ["TCGA-A7-A13E-01Z-00-DX1"])
+    consep_val_every: int = 5  # every 5th CoNSeP source image (train_5, ...) is held out
+    monuseg_held_out: list[str] = field(
+        default_factory=lambda: [
+            "TCGA-A7-A13E-01Z-00-DX1",
+            "TCGA-21-5786-01Z-00-DX1",
+            "TCGA-B0-5710-01Z-00-DX1",
+        ]
+    )
     contour_um: dict[str, float] = field(
         default_factory=lambda: {"Gland": 3.0, "Lumen": 2.0, "Nuclei": 1.0}
     )
@@ -90,24 +108,34 @@ class Prepared:
     image: np.ndarray
     targets: dict[str, tuple[np.ndarray, np.ndarray]]  # task -> (classes, U-Net weights)
     instances: dict[str, np.ndarray]
-    nucleus_types: np.ndarray | None
+    types: dict[str, np.ndarray]
     grade: str | None
 
 
-def prepare(item: LabelledImage, contour_px: dict[str, int]) -> Prepared:
+def prepare(item: LabelledImage, contour_um: dict[str, float], mpp: float) -> Prepared:
     targets = {}
     for task, labels in item.instances.items():
-        classes = inner_contour_map(labels, contour_px[task])
+        classes = inner_contour_map(labels, max(1, round(contour_um[task] / mpp)))
         targets[task] = (classes, unet_weight_map(labels, classes))
     return Prepared(
-        item.name, item.source, item.image, targets, item.instances, item.nucleus_types, item.grade
+        item.name, item.source, item.image, targets, item.instances, item.types, item.grade
     )
 
 
-def load_pools(config: TrainConfig, mpp: float) -> tuple[dict[str, list[Prepared]], dict]:
-    """Training images per dataset, and a summary naming what was held out."""
+def consep_split(root: Path, every: int) -> tuple[list[str], list[str]]:
+    """CoNSeP source images (not patches) for training and held out."""
+    names = sorted(
+        {datasets.consep_image_of(name) for name, *_ in datasets.consep_patches(root)},
+        key=datasets._natural_key,
+    )
+    return datasets.split_names(names, every)
+
+
+def load_pools(config: TrainConfig, preset: Preset) -> tuple[dict[str, list[Prepared]], dict]:
+    """Training images per dataset (GlaS at the region resolution, the nuclear datasets at the
+    input's), and a summary naming what was held out."""
     root = Path(config.data)
-    contour_px = {task: max(1, round(um / mpp)) for task, um in config.contour_um.items()}
+    region_mpp = preset.mpp * preset.gland_scale
     glas_names = [name for name, *_ in datasets.glas_pairs(root / "glas")]
     glas_train, glas_val = datasets.split_names(glas_names, config.glas_val_every)
     monuseg_names = [name for name, *_ in datasets.monuseg_pairs(root / "monuseg")]
@@ -115,21 +143,26 @@ def load_pools(config: TrainConfig, mpp: float) -> tuple[dict[str, list[Prepared
     if missing:
         raise ValueError(f"held-out MoNuSeg tiles not found: {sorted(missing)}")
     monuseg_train = [n for n in monuseg_names if n not in config.monuseg_held_out]
-    pools = {
-        "glas": datasets.read_glas(root / "glas", mpp, set(glas_train)),
-        "monuseg": datasets.read_monuseg(root / "monuseg", mpp, set(monuseg_train)),
-        "histolytics": datasets.read_histolytics(root / "histolytics-hgsc", mpp),
+    consep_train, consep_val = consep_split(root / "consep", config.consep_val_every)
+    read = {
+        "glas": lambda: datasets.read_glas(root / "glas", region_mpp, set(glas_train)),
+        "monuseg": lambda: datasets.read_monuseg(root / "monuseg", preset.mpp, set(monuseg_train)),
+        "consep": lambda: datasets.read_consep(root / "consep", preset.mpp, set(consep_train)),
     }
-    prepared = {
-        source: [prepare(item, contour_px) for item in items] for source, items in pools.items()
+    wanted = ["glas", *(name for name, weight in config.mix.items() if weight > 0)]
+    pools = {
+        source: [
+            prepare(item, config.contour_um, region_mpp if source == "glas" else preset.mpp)
+            for item in read[source]()
+        ]
+        for source in wanted
     }
     summary = {
-        "glas": {"train": glas_train, "held_out": glas_val},
+        "glas": {"train": glas_train, "held_out": glas_val, "mpp": region_mpp},
         "monuseg": {"train": monuseg_train, "held_out": list(config.monuseg_held_out)},
-        "histolytics": {"train": ["hgsc_nest"], "held_out": []},
-        "contour_px": contour_px,
+        "consep": {"train": consep_train, "held_out": consep_val},
     }
-    return prepared, summary
+    return pools, summary
 
 
 class TaskSampler:
@@ -137,7 +170,9 @@ class TaskSampler:
     with flips, right-angle rotations and colour jitter."""
 
     def __init__(self, pools: dict[str, list[Prepared]], mix: dict[str, float], crop: int, rng):
-        self.pools = {name: pools[name] for name in mix if pools.get(name)}
+        self.pools = {name: pools[name] for name in mix if mix[name] > 0 and pools.get(name)}
+        if not self.pools:
+            raise ValueError(f"no training images for {sorted(mix)}")
         weights_ = np.array([mix[name] for name in self.pools], dtype=float)
         self.mix = weights_ / weights_.sum()
         self.crop = crop
@@ -163,11 +198,12 @@ class TaskSampler:
         gain = self.rng.uniform(0.9, 1.1, size=3).astype(np.float32)
         bias = self.rng.uniform(-12, 12, size=3).astype(np.float32)
         image = np.clip(image * gain + bias, 0, 255)
-        sample = {"image": image.transpose(2, 0, 1), "targets": {}, "types": None, "patch": -1}
-        for task, (classes, weight_map) in item.targets.items():
-            sample["targets"][task] = (view(classes), view(weight_map))
-        if item.nucleus_types is not None:
-            sample["types"] = view(item.nucleus_types)
+        sample = {
+            "image": image.transpose(2, 0, 1),
+            "targets": {task: tuple(view(a) for a in t) for task, t in item.targets.items()},
+            "types": {task: view(t) for task, t in item.types.items()},
+            "patch": -1,
+        }
         if "Gland" in item.instances:
             sample["patch"] = datasets.tissue_class(
                 item.instances["Gland"][window], item.image[window], item.grade
@@ -182,7 +218,7 @@ def _pad_to(array: np.ndarray, size: int) -> np.ndarray:
     h, w = array.shape[:2]
     if h >= size and w >= size:
         return array
-    pad = [(0, size - h), (0, size - w)] + [(0, 0)] * (array.ndim - 2)
+    pad = [(0, max(size - h, 0)), (0, max(size - w, 0))] + [(0, 0)] * (array.ndim - 2)
     return np.pad(array, pad, mode="reflect")
 
 
@@ -197,13 +233,14 @@ def collate(samples: list[dict], crop: int) -> dict[str, torch.Tensor]:
             if has[i]:
                 classes[i], weight_map[i] = s["targets"][task]
         batch[task] = (torch.from_numpy(classes), torch.from_numpy(weight_map), torch.tensor(has))
-    has_types = [s["types"] is not None for s in samples]
-    types = np.zeros((n, crop, crop), dtype=np.int64)
-    for i, s in enumerate(samples):
-        if has_types[i]:
-            types[i] = s["types"]
-    batch["Nuclei#TYPE"] = (torch.from_numpy(types), torch.tensor(has_types))
-    batch["Patch-Class"] = torch.tensor([s["patch"] for s in samples])
+    for task in TYPED_TASKS:
+        has = [task in s["types"] for s in samples]
+        types = np.zeros((n, crop, crop), dtype=np.int64)
+        for i, s in enumerate(samples):
+            if has[i]:
+                types[i] = s["types"][task]
+        batch[f"{task}#TYPE"] = (torch.from_numpy(types), torch.tensor(has))
+    batch[PATCH_HEAD] = torch.tensor([s["patch"] for s in samples])
     return batch
 
 
@@ -243,7 +280,8 @@ def typing_loss(logits, types, has) -> torch.Tensor | None:
         return None
     logits, types = logits[has].float(), types[has]
     present = [int(c) for c in torch.unique(types) if c > 0]
-    return F.cross_entropy(logits, types) + dice_loss(logits, types, present).mean()
+    loss = F.cross_entropy(logits, types)
+    return loss + dice_loss(logits, types, present).mean() if present else loss
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -256,51 +294,61 @@ def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def phase_parameters(net: CerberusNet, phase: int) -> list[torch.nn.Parameter]:
-    typing = ("decoder_head.Nuclei#TYPE.", "output_head.Nuclei#TYPE.")
-    for name, param in net.named_parameters():
-        in_typing = name.startswith(typing)
-        param.requires_grad = in_typing if phase == 2 else not in_typing
-    return [p for p in net.parameters() if p.requires_grad]
-
-
-def set_modes(net: CerberusNet, phase: int) -> None:
-    """Phase 2 freezes the encoder's batch-norm statistics too; only the typing decoder trains."""
-    if phase == 1:
-        net.train()
-    else:
-        net.eval()
-        net.decoder_head["Nuclei#TYPE"].train()
-        net.output_head["Nuclei#TYPE"].train()
-
-
-def step_losses(net, batch, phase: int, config: TrainConfig) -> dict[str, torch.Tensor]:
-    images = batch["image"].to(config.device)
+def batch_losses(out: dict, batch: dict, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """The losses of the heads in `out` that `batch` has labels for."""
+    device = config.device
     losses = {}
-    with autocast(config.device, enabled=config.bf16 and use_bf16(config.device)):
-        if phase == 1:
-            out = net(images, tasks=(*SEGMENTATION_TASKS, "Patch-Class"))
-        else:
-            out = net(images, tasks=("Nuclei#TYPE",))
-    if phase == 1:
-        for task in SEGMENTATION_TASKS:
-            classes, weight_map, has = (t.to(config.device) for t in batch[task])
-            loss = segmentation_loss(out[OUTPUT[task]], classes, weight_map, has)
+    for task in SEGMENTATION_TASKS:
+        if f"{task}-INST" in out:
+            classes, weight_map, has = (t.to(device) for t in batch[task])
+            loss = segmentation_loss(out[f"{task}-INST"], classes, weight_map, has)
             if loss is not None:
                 losses[task] = loss
-        loss = patch_loss(out["Patch-Class"], batch["Patch-Class"].to(config.device))
+    for task in TYPED_TASKS:
+        if f"{task}-TYPE" in out:
+            types, has = (t.to(device) for t in batch[f"{task}#TYPE"])
+            loss = typing_loss(out[f"{task}-TYPE"], types, has)
+            if loss is not None:
+                losses[f"{task}#TYPE"] = loss
+    if PATCH_HEAD in out:
+        loss = patch_loss(out[PATCH_HEAD], batch[PATCH_HEAD].to(device))
         if loss is not None:
-            losses["Patch-Class"] = config.patch_loss_weight * loss
-    else:
-        types, has = (t.to(config.device) for t in batch["Nuclei#TYPE"])
-        loss = typing_loss(out["Nuclei-TYPE"], types, has)
-        if loss is not None:
-            losses["Nuclei#TYPE"] = loss
+            losses[PATCH_HEAD] = config.patch_loss_weight * loss
     return losses
 
 
+def step_losses(net: CerberusNet, samplers: dict, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """One step's losses: the region batch through the region tasks, the nuclear batch through
+    the nuclear ones, each at its own resolution."""
+    losses = {}
+    for tasks, sampler, size in (
+        (REGION_TASKS, samplers["region"], config.region_batch),
+        (NUCLEAR_TASKS, samplers["nuclear"], config.batch),
+    ):
+        batch = sampler.batch(size)
+        with autocast(config.device, enabled=config.bf16 and use_bf16(config.device)):
+            out = net.decode(batch["image"].to(config.device), tasks=tasks)
+        losses.update(batch_losses(out, batch, config))
+    return losses
+
+
+def initialise(net: CerberusNet, path: str, log=print) -> None:
+    """Parameters of a weights file copied where name and shape match (a warm start; new or
+    reshaped parts keep their random initialisation)."""
+    _, state = weights.read(path)
+    own = net.state_dict()
+    matched = {
+        k: v.float() if v.is_floating_point() else v
+        for k, v in state.items()
+        if k in own and own[k].shape == v.shape
+    }
+    own.update(matched)
+    net.load_state_dict(own)
+    log(f"initialised {len(matched)} of {len(own)} tensors from {path}")
+
+
 def train(config: TrainConfig, resume: bool = False, log=print) -> Path:
-    """Run both phases (or finish them from the last checkpoint); returns the weights path."""
+    """Run the schedule (or finish it from the last checkpoint); returns the weights path."""
     if config.threads:
         torch.set_num_threads(config.threads)
     out = Path(config.out)
@@ -308,108 +356,88 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> Path:
     checkpoint_path = out / "checkpoint.pt"
     net = build(config.preset).to(config.device)
     started = time.time()
-    pools, summary = load_pools(config, net.preset.mpp)
+    pools, summary = load_pools(config, net.preset)
     log(
         f"data ready in {time.time() - started:.0f} s: "
         + ", ".join(f"{name} {len(items)} images" for name, items in pools.items())
     )
-    state = {"phase": 1, "step": 0, "history": [], "seconds": 0.0}
-    optimizer = None
+    state = {"step": 0, "history": [], "seconds": 0.0}
     if config.init:
-        _, init_state = weights.read(config.init)
-        net.load_state_dict(
-            {k: v.float() if v.is_floating_point() else v for k, v in init_state.items()}
-        )
-        log(f"initialised from {config.init}")
+        initialise(net, config.init, log)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     if resume and checkpoint_path.exists():
         saved = torch.load(checkpoint_path, map_location=config.device, weights_only=False)
         net.load_state_dict(saved["net"])
+        optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
-        if saved["optimizer"] is not None:
-            optimizer = _optimizer(net, state["phase"], config)
-            optimizer.load_state_dict(saved["optimizer"])
-        log(f"resumed at phase {state['phase']} step {state['step']}")
-    rng = np.random.default_rng(config.seed + state["step"] + 100_000 * state["phase"])
+        log(f"resumed at step {state['step']}")
+    rng = np.random.default_rng(config.seed + state["step"])
     torch.manual_seed(config.seed + state["step"])
-    phases = {
-        1: (config.steps, config.lr, TaskSampler(pools, config.mix, config.crop, rng)),
-        2: (
-            config.typing_steps,
-            config.typing_lr,
-            TaskSampler(pools, {"histolytics": 1.0}, config.crop, rng),
-        ),
+    samplers = {
+        "region": TaskSampler(pools, {"glas": 1.0}, config.region_crop, rng),
+        "nuclear": TaskSampler(pools, config.mix, config.crop, rng),
     }
-    while state["phase"] <= 2:
-        phase = state["phase"]
-        total, peak, sampler = phases[phase]
-        if optimizer is None:
-            optimizer = _optimizer(net, phase, config)
-        set_modes(net, phase)
-        window = []
-        while state["step"] < total:
-            tick = time.time()
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(state["step"], total, peak, config.warmup)
-            losses = step_losses(net, sampler.batch(config.batch), phase, config)
-            loss = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            state["step"] += 1
-            state["seconds"] += time.time() - tick
-            window.append({k: float(v.detach()) for k, v in losses.items()})
-            if state["step"] % config.log_every == 0 or state["step"] == total:
-                means = {
-                    k: float(np.mean([w[k] for w in window if k in w]))
-                    for k in {k for w in window for k in w}
-                }
-                state["history"].append({"phase": phase, "step": state["step"], **means})
-                log(
-                    f"phase {phase} step {state['step']}/{total} "
-                    + " ".join(f"{k}={v:.3f}" for k, v in sorted(means.items()))
-                    + f" ({(time.time() - tick):.2f} s/step, {state['seconds'] / 60:.1f} min)"
-                )
-                window = []
-            if state["step"] % config.checkpoint_every == 0 or state["step"] == total:
-                _checkpoint(checkpoint_path, net, optimizer, state, config)
-        state = {**state, "phase": phase + 1, "step": 0}
-        optimizer = None
-        _checkpoint(checkpoint_path, net, None, state, config)
-    contour_px = summary.pop("contour_px")
+    net.train()
+    window = []
+    while state["step"] < config.steps:
+        tick = time.time()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(state["step"], config.steps, config.lr, config.warmup)
+        losses = step_losses(net, samplers, config)
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        state["step"] += 1
+        state["seconds"] += time.time() - tick
+        window.append({k: float(v.detach()) for k, v in losses.items()})
+        if state["step"] % config.log_every == 0 or state["step"] == config.steps:
+            means = {
+                k: float(np.mean([w[k] for w in window if k in w]))
+                for k in {k for w in window for k in w}
+            }
+            state["history"].append({"step": state["step"], **means})
+            log(
+                f"step {state['step']}/{config.steps} "
+                + " ".join(f"{k}={v:.3f}" for k, v in sorted(means.items()))
+                + f" ({(time.time() - tick):.2f} s/step, {state['seconds'] / 60:.1f} min)"
+            )
+            window = []
+        if state["step"] % config.checkpoint_every == 0 or state["step"] == config.steps:
+            _checkpoint(checkpoint_path, net, optimizer, state, config)
     training = {
         "config": asdict(config),
         "data": summary,
-        "steps": {"segmentation": config.steps, "typing": config.typing_steps},
-        "batch": config.batch,
-        "crop": config.crop,
+        "steps": config.steps,
+        "batch": {"nuclear": config.batch, "region": config.region_batch},
+        "crop": {"nuclear": config.crop, "region": config.region_crop},
         "train_seconds": round(state["seconds"]),
         "history": state["history"],
         "code": _git_revision(),
     }
     path = out / "weights.pt"
-    postprocess = {**POSTPROCESS, "contour_px": contour_px}
+    contour_px = {
+        task: max(1, round(um / net.preset.mpp)) for task, um in config.contour_um.items()
+    }
     weights.save(
-        path, net, untrained=untrained_classes(), postprocess=postprocess, training=training
+        path,
+        net,
+        untrained=untrained_classes(net.preset),
+        postprocess={**POSTPROCESS, "contour_px": contour_px},
+        training=training,
     )
     log(f"weights written to {path}")
     return path
 
 
-def untrained_classes() -> dict[str, list[str]]:
-    """Heads and classes no dataset here labels (see the model card)."""
-    typed = {NUCLEUS_TYPES[t] for t in datasets.HISTOLYTICS_TYPES.values()}
-    labelled_tissue = {"background", "normal epithelium", "abnormal epithelium", "stroma"}
+def untrained_classes(preset: Preset) -> dict[str, list[str]]:
+    """Heads' classes no dataset here labels (see the model card)."""
+    nuclear = {datasets.LABELLED_NUCLEUS_TYPES[t] for t in datasets.CONSEP_TYPES.values()}
     return {
-        "Nuclei#TYPE": [t for t in NUCLEUS_TYPES[1:] if t not in typed],
-        "Gland#TYPE": ["gland", "surface-epi"],
-        "Patch-Class": [c for c in TISSUE_CLASSES if c not in labelled_tissue],
+        "Nuclei#TYPE": [t for t in preset.nucleus_types[1:] if t not in nuclear],
+        "Gland#TYPE": [t for t in preset.gland_types[1:] if t not in LABELLED_GLAND_TYPES],
+        "Patch-Class": [c for c in TISSUE_CLASSES if c not in LABELLED_TISSUE],
     }
-
-
-def _optimizer(net: CerberusNet, phase: int, config: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        phase_parameters(net, phase), lr=config.lr, weight_decay=config.weight_decay
-    )
 
 
 def _checkpoint(path: Path, net, optimizer, state: dict, config: TrainConfig) -> None:
@@ -448,15 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out")
     parser.add_argument("--device")
     parser.add_argument("--steps", type=int)
-    parser.add_argument("--typing-steps", type=int)
     args = parser.parse_args(argv)
     config = TrainConfig.from_toml(
-        args.config,
-        data=args.data,
-        out=args.out,
-        device=args.device,
-        steps=args.steps,
-        typing_steps=args.typing_steps,
+        args.config, data=args.data, out=args.out, device=args.device, steps=args.steps
     )
     train(config, resume=args.resume, log=lambda line: print(line, flush=True))
     return 0

@@ -23,18 +23,12 @@ from pathlib import Path
 
 import torch
 
-from inference.network import (
-    GLAND_TYPES,
-    NUCLEUS_TYPES,
-    PRESETS,
-    TISSUE_CLASSES,
-    CerberusNet,
-    Preset,
-    build,
-)
+from inference.network import PRESETS, TISSUE_CLASSES, CerberusNet, Preset, build
 
 FORMAT = "spatialdb-weights/1"
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "cerberus-cpu.pt"
+#: Preset fields stored as lists in a weights file and as tuples in a `Preset`.
+_TUPLE_FIELDS = ("widths", "blocks", "nucleus_types", "gland_types")
 #: Contour widths (px at 0.5 µm/px) assumed for the published checkpoint's targets.
 PUBLISHED_CONTOUR_PX = {"Gland": 6, "Lumen": 4, "Nuclei": 2}
 
@@ -91,7 +85,7 @@ def save(
     info = WeightsInfo(
         preset=net.preset,
         sha256=parameters_hash(state),
-        classes=_class_names(),
+        classes=class_names(net.preset),
         untrained=untrained,
         postprocess=postprocess,
         training=training,
@@ -125,9 +119,7 @@ def read(path: str | Path) -> tuple[WeightsInfo, dict[str, torch.Tensor]]:
         raise WeightsError(f"{path}: parameters do not match the recorded hash (file damaged?)")
     preset = payload["preset"]
     info = WeightsInfo(
-        preset=Preset(
-            **{**preset, "widths": tuple(preset["widths"]), "blocks": tuple(preset["blocks"])}
-        ),
+        preset=Preset(**{k: tuple(v) if k in _TUPLE_FIELDS else v for k, v in preset.items()}),
         sha256=payload["sha256"],
         classes=payload["classes"],
         untrained=payload["untrained"],
@@ -146,17 +138,18 @@ def _published(state: dict) -> tuple[WeightsInfo, dict[str, torch.Tensor]]:
     info = WeightsInfo(
         preset=PRESETS["cerberus"],
         sha256=parameters_hash(state),
-        classes=_class_names(),
+        classes=class_names(PRESETS["cerberus"]),
         postprocess={"contour_px": PUBLISHED_CONTOUR_PX},
         training={"source": "published Cerberus checkpoint (Graham et al. 2023)"},
     )
     return info, state
 
 
-def _class_names() -> dict[str, list[str]]:
+def class_names(preset: Preset) -> dict[str, list[str]]:
+    """Class names of each classifying head of a preset, in channel order."""
     return {
-        "Nuclei#TYPE": list(NUCLEUS_TYPES),
-        "Gland#TYPE": list(GLAND_TYPES),
+        "Nuclei#TYPE": list(preset.nucleus_types),
+        "Gland#TYPE": list(preset.gland_types),
         "Patch-Class": list(TISSUE_CLASSES),
     }
 
@@ -196,7 +189,7 @@ def random_weights(preset: Preset, seed: int = 0) -> tuple[CerberusNet, WeightsI
     info = WeightsInfo(
         preset=preset,
         sha256=parameters_hash(net.state_dict()),
-        classes=_class_names(),
+        classes=class_names(preset),
         training={"source": f"random initialisation, seed {seed}"},
     )
     return net, info

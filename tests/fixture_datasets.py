@@ -1,4 +1,4 @@
-"""Small generated datasets in the GlaS, MoNuSeg and histolytics layouts (no real data needed)."""
+"""Small generated datasets in the GlaS, MoNuSeg and CoNSeP layouts (no real data needed)."""
 
 from __future__ import annotations
 
@@ -78,21 +78,32 @@ def write_monuseg(root: Path, names: tuple[str, ...] = ("tile-a", "tile-b")) -> 
     return root
 
 
-def write_histolytics(root: Path) -> Path:
-    root.mkdir(parents=True)
-    image, outlines = nuclei_image(seed=7)
-    Image.fromarray(image).save(root / "hgsc_nest.jpg", quality=95)
+def write_consep(root: Path, images: int = 5, patches: int = 4, size: int = 256) -> Path:
+    """CoNSeP's layout: `images/train_N_KKK.png`, `inst/` 16-bit instance maps, `types/` .mat
+    files with one class (1-4) per instance in the order of the sorted ids."""
+    from scipy.io import savemat
+
     from inference.datasets import rasterise
 
-    instances = rasterise(outlines, image.shape[:2], 1.0)
-    classes = np.where(instances > 0, 1 + instances % 3, 0).astype(np.int32)
-    np.savez_compressed(root / "hgsc_nest_inst_mask.npz", nuc_raster=instances)
-    np.savez_compressed(root / "hgsc_nest_type_mask.npz", nuc_raster=classes)
+    for sub in ("images", "inst", "types"):
+        (root / sub).mkdir(parents=True)
+    for n in range(1, images + 1):
+        for k in range(patches):
+            image, outlines = nuclei_image(size=size, seed=100 * n + k)
+            # 40x: nuclei twice the size of the 0.5 µm/px generator's
+            big = np.kron(image[: size // 2, : size // 2], np.ones((2, 2, 1), np.uint8))
+            instances = rasterise([o * 2 for o in outlines], (size, size), 1.0)
+            ids = np.unique(instances)[1:]
+            classes = 1 + ids % 4
+            name = f"train_{n}_{k:03d}"
+            Image.fromarray(big).save(root / "images" / f"{name}.png")
+            Image.fromarray(instances.astype(np.uint16)).save(root / "inst" / f"{name}.png")
+            savemat(root / "types" / f"{name}.mat", {"inst_type": classes.reshape(-1, 1)})
     return root
 
 
 def write_all(root: Path) -> Path:
     write_glas(root / "glas")
     write_monuseg(root / "monuseg")
-    write_histolytics(root / "histolytics-hgsc")
+    write_consep(root / "consep")
     return root

@@ -41,7 +41,11 @@ def compress() -> None:
 @click.option("--random-encoder", is_flag=True, help="Use randomly initialised weights (baseline).")
 @click.option("--seed", default=0, show_default=True, help="Seed of --random-encoder.")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--batch-size", default=8, show_default=True)
+@click.option(
+    "--batch-size",
+    type=int,
+    help="Patches per forward pass (default: 8 of 512 px, fewer of larger patches).",
+)
 @click.pass_obj
 def compress_slides(obj, slides, mpp, weights, random_encoder, seed, device, batch_size) -> int:
     """Compress SLIDES (files, directories or globs): each tissue cell of 128 px at 0.5 µm/px

@@ -24,7 +24,11 @@ from spatialdb.store.db import connect
     help="Weights file (default: the shipped CPU weights).",
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--batch-size", default=8, show_default=True, help="Patches per forward pass.")
+@click.option(
+    "--batch-size",
+    type=int,
+    help="Patches per forward pass (default: 8 of 512 px, fewer of larger patches).",
+)
 @click.option(
     "--compress",
     "compress_slides",

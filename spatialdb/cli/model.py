@@ -16,24 +16,21 @@ from spatialdb.errors import UserError
     "config_path",
     required=True,
     type=click.Path(dir_okay=False),
-    help="TOML training configuration (see configs/cpu.toml).",
+    help="TOML training configuration (see configs/cpu-multiscale.toml).",
 )
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
 @click.option("--data", help="Dataset directory (overrides the config).")
 @click.option("--out", help="Output directory (overrides the config).")
 @click.option("--device", help="cpu or cuda (overrides the config).")
-@click.option("--steps", type=int, help="Segmentation steps (overrides the config).")
-@click.option("--typing-steps", type=int, help="Nuclear-typing steps (overrides the config).")
-def train(config_path, resume, data, out, device, steps, typing_steps) -> None:
+@click.option("--steps", type=int, help="Training steps (overrides the config).")
+def train(config_path, resume, data, out, device, steps) -> None:
     """Train the multi-task network; writes OUT/weights.pt."""
     from inference.datasets import DatasetError
     from inference.train import TrainConfig
     from inference.train import train as run_training
 
     try:
-        config = TrainConfig.from_toml(
-            config_path, data=data, out=out, device=device, steps=steps, typing_steps=typing_steps
-        )
+        config = TrainConfig.from_toml(config_path, data=data, out=out, device=device, steps=steps)
         run_training(config, resume=resume, log=lambda line: click.echo(line))
     except (OSError, ValueError, DatasetError) as exc:
         raise UserError(str(exc).splitlines()[0]) from None
@@ -52,6 +49,12 @@ def train(config_path, resume, data, out, device, steps, typing_steps) -> None:
     is_flag=True,
     help="Only the images the weights' training held out of this dataset.",
 )
+@click.option(
+    "--held-out-of",
+    "split_path",
+    type=click.Path(dir_okay=False),
+    help="With --held-out: the images this other weights file held out (to compare two files).",
+)
 @click.option("--mpp", type=float, help="µm/px of the images (default: the dataset's own).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option(
@@ -61,9 +64,9 @@ def train(config_path, resume, data, out, device, steps, typing_steps) -> None:
     help="Also write the per-image figures and summary as JSON.",
 )
 @click.option("--record", is_flag=True, help="Store the summary in the weights file's metrics.")
-def evaluate(folder, weights_path, held_out, mpp, device, json_path, record) -> None:
-    """Score the model on FOLDER (GlaS or MoNuSeg layout): gland object F1/Dice/Hausdorff,
-    or nuclei Dice/AJI/PQ/F1."""
+def evaluate(folder, weights_path, held_out, split_path, mpp, device, json_path, record) -> None:
+    """Score the model on FOLDER (GlaS, MoNuSeg or CoNSeP layout): gland object F1/Dice/Hausdorff
+    (all, benign and malignant images), or nuclei Dice/AJI/PQ/F1 (and per-type F1 on CoNSeP)."""
     from inference import weights as weights_file
     from inference.datasets import DatasetError
     from inference.evaluate import BAR
@@ -72,11 +75,13 @@ def evaluate(folder, weights_path, held_out, mpp, device, json_path, record) -> 
     path = Path(weights_path) if weights_path else weights_file.DEFAULT_WEIGHTS
     try:
         net, info = weights_file.load(path)
+        split = weights_file.read(split_path)[0] if split_path else None
         report = run_evaluation(
             folder,
             net.to(device),
             info,
             held_out_only=held_out,
+            split=split,
             mpp=mpp,
             device=device,
             progress=lambda name: click.echo(f"  {name}", err=True),
@@ -92,6 +97,9 @@ def evaluate(folder, weights_path, held_out, mpp, device, json_path, record) -> 
     for key, value in summary.items():
         if key == "images":
             continue
+        if isinstance(value, dict):
+            _echo_table(key, value)
+            continue
         bar = BAR[layout].get(key)
         verdict = (
             "" if bar is None else f"  (bar {bar:.2f}: {'met' if value >= bar else 'NOT met'})"
@@ -106,5 +114,17 @@ def evaluate(folder, weights_path, held_out, mpp, device, json_path, record) -> 
         click.echo(f"recorded in {path}")
 
 
+def _echo_table(title: str, table: dict) -> None:
+    """A summary's nested figures: a row per group (dicts), or one row of named values."""
+    click.echo(f"  {title}:")
+    rows = table if all(isinstance(v, dict) for v in table.values()) else {"": table}
+    columns = list(next(iter(rows.values())))
+    click.echo("    " + "".ljust(12) + "".join(key.rjust(17) for key in columns))
+    for name, row in rows.items():
+        click.echo("    " + name.ljust(12) + "".join(_cell(row[key]) for key in columns))
+
+
 def _cell(value) -> str:
+    if isinstance(value, str):
+        return value.rjust(17)
     return f"{value:17.4f}" if isinstance(value, float) else f"{value:17d}"

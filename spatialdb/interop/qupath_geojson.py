@@ -41,7 +41,9 @@ OBJECT_TYPES = {
 PALETTE = {
     "epithelial": (220, 50, 50), "lymphocyte": (40, 90, 220), "connective": (60, 170, 60),
     "plasma": (160, 80, 200), "neutrophil": (240, 160, 30), "eosinophil": (240, 110, 180),
-    "nucleus": (120, 120, 120), "gland": (250, 200, 0), "surface-epi": (255, 140, 0),
+    "nucleus": (120, 120, 120), "other": (150, 150, 150),
+    "gland": (250, 200, 0), "surface-epi": (255, 140, 0),
+    "benign gland": (250, 200, 0), "malignant gland": (230, 60, 0),
     "lumen": (0, 200, 220), "abnormal epithelium": (200, 0, 80),
     "normal epithelium": (255, 120, 150),
     "inflammatory": (80, 80, 255), "muscle": (150, 60, 30), "stroma": (120, 200, 120),

@@ -25,7 +25,14 @@ def load_encoder(weights: str | None, random_encoder: bool, seed: int, device: s
 
 
 def compress_one(
-    engine, path: Path, encoder, name: str, *, mpp: float | None, device: str, batch_size: int
+    engine,
+    path: Path,
+    encoder,
+    name: str,
+    *,
+    mpp: float | None,
+    device: str,
+    batch_size: int | None,
 ):
     """(slide id, `inference.compress.SlideGrid`) of one slide compressed and stored: its row (new
     or refreshed) and its grid in one transaction, so that a failure stores neither. `UserError`

@@ -45,7 +45,7 @@ def import_results(
     engine, results: Path, slide_path: Path, *, mpp: float | None = None, table: str | None = None
 ) -> Imported:
     """Store RESULTS (a Cerberus .dat or a GeoJSON file) as a new run of the slide file."""
-    from inference.network import GLAND_TYPES, NUCLEUS_TYPES, TISSUE_CLASSES
+    from inference.network import GLAND_TYPES, LABELLED_NUCLEUS_TYPES, NUCLEUS_TYPES, TISSUE_CLASSES
 
     if not results.is_file():
         raise UserError(f"{results}: no such file")
@@ -58,7 +58,10 @@ def import_results(
         parsed = read_dat(results, float(meta.mpp[0]), types)
     elif results.suffix.lower() in (".geojson", ".json"):
         kind = "geojson"
-        parsed = read_geojson(results, table, set(TISSUE_CLASSES))
+        # "inflammatory" names a nuclear type as well as a tissue class: it is not a tissue
+        # region by its name alone (a QuPath annotation of that class still is one).
+        tissue = set(TISSUE_CLASSES) - set(LABELLED_NUCLEUS_TYPES)
+        parsed = read_geojson(results, table, tissue)
     else:
         raise UserError(f"{results}: expected a Cerberus .dat or a .geojson/.json file")
     fitted = fit_to_slide(results, parsed, width, height)

@@ -98,14 +98,14 @@ def ingest_slide(
     mpp: float | None = None,
     force: bool = False,
     device: str = "cpu",
-    batch_size: int = 8,
+    batch_size: int | None = None,
     workers: int | None = None,
     compress: bool = False,
 ) -> Outcome:
     """Ingest one slide; `model` is `(CerberusModel, weights path)`. Raises `UserError` for a
     file that is not a usable slide; nothing is stored then."""
     from inference.engine import segment_slide
-    from inference.slide import tissue_mask
+    from inference.slide import default_batch, tissue_mask
     from spatialdb.store.loader import RunWriter
 
     network, weights_path = model
@@ -138,6 +138,7 @@ def ingest_slide(
         mpp=info.mpp,
         info={"untrained": info.untrained, "postprocess": info.postprocess},
     )
+    batch_size = batch_size or default_batch(info.preset)
     parameters = {"device": device, "batch_size": batch_size, "mpp_override": mpp}
     progress = _Progress(path.name)
     grid = None

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from inference import datasets
-from inference.network import NUCLEUS_TYPES, TISSUE_CLASSES
+from inference.network import LABELLED_GLAND_TYPES, LABELLED_NUCLEUS_TYPES, TISSUE_CLASSES
 from tests.conftest import SHARED_DATA
-from tests.fixture_datasets import gland_image, write_glas, write_histolytics, write_monuseg
+from tests.fixture_datasets import gland_image, write_consep, write_glas, write_monuseg
 
 
 def test_glas_reader_resamples_to_the_network_resolution_and_derives_lumina(tmp_path):
@@ -22,6 +22,11 @@ def test_glas_reader_resamples_to_the_network_resolution_and_derives_lumina(tmp_
     for lumen in (1, 2):
         inside = glands[lumina == lumen]
         assert inside.min() > 0 and len(np.unique(inside)) == 1
+    # every gland pixel carries its image's grade as the gland type, nothing else does
+    benign, malignant = (LABELLED_GLAND_TYPES.index(f"{g} gland") for g in ("benign", "malignant"))
+    assert set(np.unique(item.types["Gland"][glands > 0])) == {benign}
+    assert (item.types["Gland"][glands == 0] == 0).all()
+    assert set(np.unique(items[1].types["Gland"])) == {0, malignant}
 
 
 def test_original_flat_glas_layout_is_read(tmp_path):
@@ -80,12 +85,46 @@ def test_broken_monuseg_xml_is_one_clear_error(tmp_path):
         datasets.read_monuseg(tmp_path / "monuseg", mpp=0.5)
 
 
-def test_histolytics_classes_map_to_cerberus_nuclear_types(tmp_path):
-    write_histolytics(tmp_path / "h")
-    (item,) = datasets.read_histolytics(tmp_path / "h", mpp=0.5)
-    present = {NUCLEUS_TYPES[t] for t in np.unique(item.nucleus_types) if t}
-    assert present == {"connective", "lymphocyte", "epithelial"}
-    assert (item.nucleus_types > 0).sum() == (item.instances["Nuclei"] > 0).sum()
+def test_consep_patches_read_with_their_classes_as_the_project_types(tmp_path):
+    write_consep(tmp_path / "consep", images=2)
+    patches = datasets.consep_patches(tmp_path / "consep")
+    assert [p[0] for p in patches[:5]] == [
+        "train_1_000",
+        "train_1_001",
+        "train_1_002",
+        "train_1_003",
+        "train_2_000",
+    ]
+    _, instances, types = datasets.read_consep_patch(*patches[0][1:])
+    for label in np.unique(instances)[1:]:  # fixture classes are 1 + id % 4
+        kind = LABELLED_NUCLEUS_TYPES[np.unique(types[instances == label]).item()]
+        assert kind == ("other", "inflammatory", "epithelial", "connective")[label % 4]
+    assert (types[instances == 0] == 0).all()
+
+
+def test_consep_mosaic_keeps_each_patch_nucleus_its_own_instance(tmp_path):
+    write_consep(tmp_path / "consep", images=2)
+    items = datasets.read_consep(tmp_path / "consep", mpp=0.5, images={"train_2"})
+    (item,) = items
+    assert item.name == "train_2_0" and item.image.shape == (250, 250, 3)  # 2 x 125 px
+    parts = [
+        datasets.read_consep_patch(*p[1:]) for p in datasets.consep_patches(tmp_path / "consep")[4:]
+    ]
+    expected = sum(len(np.unique(inst)) - 1 for _, inst, _ in parts)
+    nuclei = item.instances["Nuclei"]
+    found = len(np.unique(nuclei)) - 1
+    assert 0.9 * expected <= found <= expected  # halving may lose a sliver cut by the edge
+    left, right = nuclei[:, :125], nuclei[:, 125:]
+    assert not set(np.unique(left)[1:]) & set(np.unique(right)[1:])
+
+
+def test_consep_types_that_do_not_match_the_instances_are_one_clear_error(tmp_path):
+    from scipy.io import savemat
+
+    write_consep(tmp_path / "consep", images=1)
+    savemat(tmp_path / "consep" / "types" / "train_1_000.mat", {"inst_type": [[1], [2]]})
+    with pytest.raises(datasets.DatasetError, match=r"2 classes for \d+ instances"):
+        datasets.read_consep(tmp_path / "consep", mpp=0.5)
 
 
 def test_split_holds_out_every_nth_name():
@@ -110,3 +149,6 @@ def test_real_datasets_read_with_their_published_counts():
     (item,) = datasets.read_glas(SHARED_DATA / "glas", mpp=0.5, names={"train_1"})
     assert item.image.shape == (647, 961, 3)
     assert item.instances["Gland"].max() == 7 and item.instances["Lumen"].max() > 0
+    patches = datasets.consep_patches(SHARED_DATA / "consep")
+    assert len(patches) == 432
+    assert len({datasets.consep_image_of(p[0]) for p in patches}) == 27

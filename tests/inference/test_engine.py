@@ -15,12 +15,20 @@ def model():
 
 
 def test_infer_batch_returns_cropped_probabilities_per_head(model):
-    batch = np.full((2, 512, 512, 3), 230, np.uint8)
+    preset, info = model.info.preset, model.info
+    size, out = preset.input_size, preset.output_size
+    batch = np.full((2, size, size, 3), 230, np.uint8)
     *heads, tissue = CerberusModel.infer_batch(model, batch, device="cpu")
     assert len(heads) == len(SPATIAL_HEADS)
-    assert heads[0].shape == (2, 384, 384, 3) and heads[3].shape == (2, 384, 384, 7)
-    np.testing.assert_allclose(heads[2].astype(np.float32).sum(axis=-1), 1.0, atol=1e-2)
+    heads = dict(zip(SPATIAL_HEADS, heads, strict=True))
+    assert heads["Gland-INST"].shape == (2, out, out, 3)
+    assert heads["Nuclei-TYPE"].shape == (2, out, out, len(info.classes["Nuclei#TYPE"]))
+    np.testing.assert_allclose(heads["Nuclei-INST"].astype(np.float32).sum(axis=-1), 1, atol=1e-2)
     assert tissue.shape == (2, 9)
+    np.testing.assert_allclose(tissue.sum(axis=1), 1.0, atol=1e-5)
+    # classes the weights were never taught get nothing, so they are never emitted
+    untrained = [info.classes["Patch-Class"].index(c) for c in info.untrained["Patch-Class"]]
+    assert untrained and (tissue[:, untrained] == 0).all()
 
 
 def test_segment_slide_reads_only_tissue_tiles(model, tmp_path):

@@ -10,7 +10,7 @@ from inference.network import build
 from inference.predict import instances, predict_image
 from spatialdb.cli.main import main
 from tests.conftest import SHARED_DATA
-from tests.fixture_datasets import gland_image, write_glas, write_monuseg
+from tests.fixture_datasets import gland_image, write_consep, write_glas, write_monuseg
 
 
 def test_tiled_prediction_covers_the_image_with_probabilities():
@@ -39,9 +39,39 @@ def test_evaluate_command_scores_a_glas_folder(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "glas"), "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "glas summary over 2 images" in printed and "object_f1" in printed
+    assert "by_grade" in printed and "malignant" in printed and "pieces_object_f1" in printed
     report = json.loads(out.read_text())
     assert report["layout"] == "glas" and len(report["images"]) == 2
-    assert 0.0 <= report["summary"]["object_dice"] <= 1.0
+    summary = report["summary"]
+    assert 0.0 <= summary["object_dice"] <= 1.0
+    assert (
+        summary["by_grade"]["benign"]["images"] == summary["by_grade"]["malignant"]["images"] == 1
+    )
+    assert summary["by_grade"]["all"]["object_f1"] == summary["object_f1"]
+    assert [row["grade"] for row in report["images"]] == ["benign", "malignant"]
+
+
+def test_evaluate_command_scores_a_consep_folder_with_per_type_f1(tmp_path, capsys):
+    write_consep(tmp_path / "consep", images=1, patches=2)
+    out = tmp_path / "report.json"
+    assert main(["evaluate", str(tmp_path / "consep"), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "consep summary over 2 images" in printed and "type_f1" in printed
+    summary = json.loads(out.read_text())["summary"]
+    assert {"aji", "pq", "dq", "sq", "dice", "detection_f1"} <= set(summary)
+    assert set(summary["type_f1"]) == {"other", "inflammatory", "epithelial", "connective"}
+
+
+def test_truth_pieces_splits_one_label_given_to_separate_glands():
+    from inference.evaluate import truth_pieces
+
+    labels = np.zeros((20, 20), np.int32)
+    labels[2:6, 2:6] = 1
+    labels[10:15, 10:15] = 1  # the same label on a second, separate gland
+    labels[2:6, 12:18] = 2
+    pieces = truth_pieces(labels)
+    assert pieces.max() == 3
+    assert len(np.unique(pieces[labels == 1])) == 2 and len(np.unique(pieces[labels == 2])) == 1
 
 
 def test_evaluate_command_scores_a_monuseg_folder(tmp_path, capsys):
@@ -54,7 +84,7 @@ def test_evaluate_command_scores_a_monuseg_folder(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("setup", "message"),
     [
-        (lambda p: p.mkdir(), "neither a GlaS folder"),
+        (lambda p: p.mkdir(), "not a GlaS folder"),
         (
             lambda p: write_glas(p, count=1) and (p.parent / "w.pt").write_text("x"),
             "not a readable weights file",

@@ -106,3 +106,20 @@ def test_empty_predictions_score_zero_and_mismatched_shapes_are_refused():
         pixel_dice(true, np.zeros((5, 5)))
     with pytest.raises(ValueError, match="differ in shape"):
         object_f1(true, np.zeros((5, 5)))
+
+
+def test_typed_detections_follow_hovernet_pairing_and_type_f1():
+    from inference.metrics import TypedDetections, pair_centroids
+
+    true = np.array([[10.0, 10.0], [50.0, 50.0], [90.0, 90.0]])
+    pred = np.array([[11.0, 10.0], [50.0, 56.0], [200.0, 200.0]])
+    pairs = pair_centroids(true, pred, radius=5.0)
+    assert pairs.tolist() == [[0, 0]]  # 6 px is beyond the radius
+    detections = TypedDetections()
+    detections.add(["epithelial", "inflammatory", "other"], ["epithelial", "other", "other"], pairs)
+    # one pair, two unpaired on each side: F_d = 2 / (2 + 2 + 2)
+    assert detections.detection_f1() == pytest.approx(1 / 3)
+    # epithelial: TP 1, no FP/FN among pairs, no unpaired epithelial -> 1.0
+    assert detections.type_f1("epithelial") == 1.0
+    # other: TN 1 among pairs, 1 unpaired true (FN_d) and 2 unpaired predicted (FP_d)
+    assert detections.type_f1("other") == pytest.approx(2 / (2 + 1 + 2))

@@ -44,14 +44,15 @@ def test_a_checkpoint_in_the_published_format_loads_with_one_call(tmp_path):
     assert torch.all(bias == 0.25)
 
 
-@pytest.mark.parametrize("preset", ["cerberus", "cpu"])
+@pytest.mark.parametrize("preset", ["cerberus", "cpu", "cpu-multiscale"])
 def test_forward_gives_every_head_at_input_size(preset):
     size = PRESETS[preset].input_size
     net = build(preset).eval()
     with torch.no_grad():
         out = net(torch.randint(0, 256, (1, 3, size, size)).float())
     expected = {
-        f"{name.split('#')[0]}-{head}": channels for name, (head, channels) in DECODERS.items()
+        f"{name.split('#')[0]}-{head}": PRESETS[preset].channels(name)
+        for name, head in DECODERS.items()
     }
     assert set(out) == {*expected, PATCH_HEAD}
     for key, channels in expected.items():
@@ -66,3 +67,23 @@ def test_cpu_preset_is_smaller_with_a_strided_stem_and_a_larger_kept_output():
     assert kept > 4 * cerberus.output_size**2 / cerberus.input_size**2
     count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
     assert count(build("cpu")) * 5 < count(build("cerberus"))
+
+
+def test_multiscale_region_heads_see_the_input_at_half_resolution():
+    """The region tasks of `cpu-multiscale` are the network's `decode` of the 2x-pooled input,
+    brought back to input size; the nuclear ones decode the input itself, to its full size."""
+    net = build("cpu-multiscale").eval()
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (1, 3, 256, 256)).float()
+    with torch.no_grad():
+        out = net(images, tasks=("Gland", "Nuclei"))
+        coarse = net.decode(torch.nn.functional.avg_pool2d(images, 2), tasks=("Gland",))
+        fine = net.decode(images, tasks=("Nuclei",))
+    assert coarse["Gland-INST"].shape[-1] == 128
+    upsampled = torch.nn.functional.interpolate(
+        coarse["Gland-INST"], size=(256, 256), mode="bilinear", align_corners=False
+    )
+    torch.testing.assert_close(out["Gland-INST"], upsampled)
+    torch.testing.assert_close(out["Nuclei-INST"], fine["Nuclei-INST"])
+    assert net.decoder_head["Nuclei"][-1] is not None and len(net.decoder_head["Nuclei"]) == 5
+    assert len(net.decoder_head["Gland"]) == 4  # no full-resolution stage for regions

@@ -11,7 +11,9 @@ from inference.predict import POSTPROCESS
 TILE = 64
 MPP = 0.5
 SETTINGS = {**POSTPROCESS, "contour_px": {"Gland": 4, "Lumen": 3, "Nuclei": 2}}
-TYPES = ["nolabel", "neutrophil", "epithelial", "lymphocyte", "plasma", "eosinophil", "connective"]
+TYPES = ["nolabel", "other", "inflammatory", "epithelial", "connective"]
+GLAND_TYPES = ["nolabel", "benign gland", "malignant gland"]
+REGION_TILES, MARGIN_TILES = 4, 2  # regions as 384 px tiles make them, in 64 px tiles
 
 
 def disc_channels(shape, discs, contour_px):
@@ -31,11 +33,14 @@ def synthetic_tiles(shape, nuclei, glands):
     """Tile outputs (the `CHANNELS` of `reduce_tile`) cut from whole-slide maps."""
     n_inner, n_contour = disc_channels(shape, nuclei, 2)
     g_inner, _ = disc_channels(shape, glands, 4)
-    types = np.where(n_inner + n_contour > 0, 2, 0)  # every nucleus "epithelial"
-    full = np.stack([g_inner, np.zeros(shape), n_inner, n_contour, types / 255.0])
+    types = np.where(n_inner + n_contour > 0, 3, 0)  # every nucleus "epithelial"
+    gland_types = np.where(g_inner > 0, 2, 0)  # every gland "malignant gland"
+    full = np.stack(
+        [g_inner, np.zeros(shape), n_inner, n_contour, types / 255.0, gland_types / 255.0]
+    )
     full = np.clip(np.rint(full * 255), 0, 255).astype(np.uint8)
     rows, cols = -(-shape[0] // TILE), -(-shape[1] // TILE)
-    padded = np.zeros((5, rows * TILE, cols * TILE), np.uint8)
+    padded = np.zeros((len(tiling.CHANNELS), rows * TILE, cols * TILE), np.uint8)
     padded[:, : shape[0], : shape[1]] = full
     return {
         (r, c): padded[:, r * TILE : (r + 1) * TILE, c * TILE : (c + 1) * TILE]
@@ -47,7 +52,7 @@ def synthetic_tiles(shape, nuclei, glands):
 def run_regions(shape, tiles, mask=None):
     mask = np.ones(shape, bool) if mask is None else mask
     grid = tiling.Grid.over(shape, (2.0, 2.0), TILE, 16, mask)
-    plan = tiling.regions(grid)
+    plan = tiling.regions(grid, REGION_TILES, MARGIN_TILES)
     sched = tiling.schedule(grid, plan)
     held, found = {}, {"Nuclei": [], "Gland": []}
     next_region = 0
@@ -58,7 +63,13 @@ def run_regions(shape, tiles, mask=None):
         while next_region < len(plan) and sched.ready_after[next_region] <= done:
             region = plan[next_region]
             job = tiling.region_job(
-                grid, region, held, settings=SETTINGS, mpp=MPP, nucleus_types=TYPES
+                grid,
+                region,
+                held,
+                settings=SETTINGS,
+                mpp=MPP,
+                nucleus_types=TYPES,
+                gland_types=GLAND_TYPES,
             )
             for tile, last in sched.last_use.items():
                 if last == region.index:
@@ -90,13 +101,14 @@ def test_objects_across_tile_and_region_borders_come_out_once_and_whole():
             overlap = matches[0].intersection(expected).area / expected.union(matches[0]).area
             assert overlap > 0.85, (kind, cy, cx, overlap)
     assert {c for _, c in found["Nuclei"]} == {"epithelial"}
+    assert {c for _, c in found["Gland"]} == {"malignant gland"}  # the type head's majority
 
 
 def test_memory_holds_a_band_of_tiles_not_the_slide():
     shape = (64 * 40, 64 * 12)  # 40 rows of tiles
     tiles = synthetic_tiles(shape, [], [])
     _, max_held, grid = run_regions(shape, tiles)
-    band = (tiling.REGION_TILES + 2 * tiling.GLAND_MARGIN_TILES) * grid.cols
+    band = (REGION_TILES + 2 * MARGIN_TILES) * grid.cols
     assert max_held <= band < grid.rows * grid.cols / 3
 
 
@@ -121,3 +133,8 @@ def test_mask_polygons_outline_the_mask(holes):
     assert len(polygons) == 1 and polygons[0].is_valid
     assert polygons[0].area == pytest.approx(mask.sum(), rel=0.08)
     assert len(polygons[0].interiors) == int(holes)
+
+
+def test_regions_cover_the_same_pixels_whatever_the_tile_size():
+    assert tiling.region_shape(384) == (4, 2)
+    assert tiling.region_shape(768) == (2, 1)

@@ -1,20 +1,22 @@
-"""Sparse multi-task training: losses count only labelled samples, the typing phase freezes the
-encoder, and a short run on generated data writes loadable weights and resumes."""
+"""Sparse multi-task training: losses count only labelled samples, region and nuclear batches
+each carry their own labels at their own resolution, warm starts copy what fits, and a short run on
+generated data writes loadable weights and resumes."""
 
 import numpy as np
 import pytest
 import torch
 
 from inference import weights
-from inference.network import build
+from inference.network import PRESETS, build
 from inference.train import (
     TaskSampler,
     TrainConfig,
+    initialise,
     load_pools,
     patch_loss,
-    phase_parameters,
     segmentation_loss,
     train,
+    typing_loss,
 )
 from tests.fixture_datasets import write_all
 
@@ -42,34 +44,54 @@ def test_patch_loss_skips_unlabelled_patches():
     assert patch_loss(logits, torch.full((4,), -1)) is None
 
 
-def test_typing_phase_trains_only_the_typing_decoder():
-    net = build("cpu")
-    trainable = {id(p) for p in phase_parameters(net, 2)}
-    names = [n for n, p in net.named_parameters() if id(p) in trainable]
-    assert names and all("Nuclei#TYPE" in n for n in names)
-    assert not any(p.requires_grad for p in net.backbone.parameters())
-    phase_one = {id(p) for p in phase_parameters(net, 1)}
-    assert not phase_one & trainable
+def test_typing_loss_without_typed_pixels_is_cross_entropy_alone():
+    logits = torch.randn(2, 5, 8, 8)
+    background = torch.zeros(2, 8, 8, dtype=torch.long)
+    has = torch.tensor([True, True])
+    expected = torch.nn.functional.cross_entropy(logits, background)
+    torch.testing.assert_close(typing_loss(logits, background, has), expected)
+    assert typing_loss(logits, background, torch.tensor([False, False])) is None
 
 
-def test_task_sampler_mixes_datasets_and_carries_only_their_labels(tmp_path):
+def test_region_and_nuclear_pools_carry_their_own_labels_at_their_own_resolution(tmp_path):
     config = TrainConfig(
         data=str(write_all(tmp_path / "data")),
-        crop=128,
-        glas_val_every=5,
         monuseg_held_out=["tile-b"],
+        consep_val_every=5,
     )
-    pools, summary = load_pools(config, mpp=0.5)
-    assert summary["glas"]["held_out"] == ["train_5"]
+    preset = PRESETS["cpu-multiscale"]
+    pools, summary = load_pools(config, preset)
+    assert summary["glas"]["held_out"] == ["train_5"] and summary["glas"]["mpp"] == 1.0
+    assert summary["consep"]["held_out"] == ["train_5"]
     assert [p.name for p in pools["monuseg"]] == ["tile-a"]
-    sampler = TaskSampler(pools, {"glas": 0.5, "monuseg": 0.5}, 128, np.random.default_rng(0))
-    batch = sampler.batch(32)
-    has_gland, has_nuclei = batch["Gland"][2], batch["Nuclei"][2]
-    assert has_gland.any() and has_nuclei.any()
-    assert not (has_gland & has_nuclei).any()  # no dataset here labels both
-    assert torch.equal(batch["Lumen"][2], has_gland)
-    assert (batch["Patch-Class"][has_nuclei] == -1).all()
-    assert batch["image"].shape == (32, 3, 128, 128)
+    assert pools["glas"][0].image.shape == (186, 186, 3)  # 300 px at 0.62 µm/px -> 1 µm/px
+    assert {p.name.rsplit("_", 1)[0] for p in pools["consep"]} == {
+        f"train_{n}" for n in (1, 2, 3, 4)
+    }
+    rng = np.random.default_rng(0)
+    region = TaskSampler(pools, {"glas": 1.0}, 128, rng).batch(4)
+    assert region["Gland"][2].all() and region["Gland#TYPE"][1].all()
+    assert not region["Nuclei"][2].any() and not region["Nuclei#TYPE"][1].any()
+    nuclear = TaskSampler(pools, config.mix, 96, rng).batch(32)
+    has_nuclei, has_types = nuclear["Nuclei"][2], nuclear["Nuclei#TYPE"][1]
+    assert has_nuclei.all() and has_types.any() and not has_types.all()  # MoNuSeg has no types
+    assert not nuclear["Gland"][2].any() and (nuclear["Patch-Class"] == -1).all()
+    assert nuclear["image"].shape == (32, 3, 96, 96)
+
+
+def test_warm_start_copies_the_tensors_whose_name_and_shape_match(tmp_path):
+    source = build("cpu")
+    with torch.no_grad():
+        source.backbone.conv1.weight.fill_(0.5)
+    weights.save(tmp_path / "old.pt", source, untrained={}, postprocess={}, training={})
+    target = build("cpu-multiscale")
+    before = target.output_head["Nuclei#TYPE"]["TYPE"].x[1].conv.weight.clone()
+    lines = []
+    initialise(target, tmp_path / "old.pt", lines.append)
+    assert torch.all(target.backbone.conv1.weight == 0.5)
+    # 5 nuclear types instead of 7: kept as initialised
+    assert torch.equal(target.output_head["Nuclei#TYPE"]["TYPE"].x[1].conv.weight, before)
+    assert lines[0].startswith("initialised ") and " of " in lines[0]
 
 
 class Interrupted(Exception):
@@ -83,9 +105,10 @@ def test_interrupted_run_resumes_from_its_checkpoint_and_writes_weights(tmp_path
         data=str(data),
         out=str(tmp_path / "run"),
         crop=128,
+        region_crop=96,
         batch=2,
+        region_batch=2,
         steps=3,
-        typing_steps=1,
         warmup=1,
         checkpoint_every=1,
         log_every=1,
@@ -93,7 +116,7 @@ def test_interrupted_run_resumes_from_its_checkpoint_and_writes_weights(tmp_path
     )
 
     def stop_at_step_2(line):
-        if line.startswith("phase 1 step 2/"):
+        if line.startswith("step 2/"):
             raise Interrupted
 
     with pytest.raises(Interrupted):
@@ -101,13 +124,12 @@ def test_interrupted_run_resumes_from_its_checkpoint_and_writes_weights(tmp_path
     assert not (tmp_path / "run" / "weights.pt").exists()
     lines = []
     path = train(config, resume=True, log=lines.append)
-    assert "resumed at phase 1 step 1" in lines
+    assert "resumed at step 1" in lines
     _net, info = weights.load(path)
-    assert info.preset.name == "cpu"
+    assert info.preset.name == "cpu-multiscale"
     assert info.training["data"]["monuseg"]["held_out"] == ["tile-b"]
-    assert [(h["phase"], h["step"]) for h in info.training["history"]] == [
-        (1, 1),
-        (1, 2),
-        (1, 3),
-        (2, 1),
-    ]
+    assert [h["step"] for h in info.training["history"]] == [1, 2, 3]
+    trained = {key for h in info.training["history"] for key in h}
+    assert trained >= {"Gland", "Gland#TYPE", "Lumen", "Nuclei", "Patch-Class"}
+    assert info.untrained["Nuclei#TYPE"] == [] and info.untrained["Gland#TYPE"] == []
+    assert "adipose" in info.untrained["Patch-Class"]

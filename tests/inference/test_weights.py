@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from inference import weights
-from inference.network import build
+from inference.network import PRESETS, build
 from inference.train import untrained_classes
 
 
@@ -13,7 +13,7 @@ def save_cpu(path, **extra):
     info = weights.save(
         path,
         net,
-        untrained=untrained_classes(),
+        untrained=untrained_classes(net.preset),
         postprocess={"contour_px": {"Gland": 6, "Lumen": 4, "Nuclei": 2}},
         training={"data": {"glas": {"held_out": ["train_5"]}}},
         **extra,
@@ -27,7 +27,7 @@ def test_round_trip_keeps_parameters_metadata_and_hash(tmp_path):
     assert read.sha256 == info.sha256 and len(read.sha256) == 64
     assert read.preset == net.preset and read.mpp == 0.5
     assert read.classes["Patch-Class"][0] == "background"
-    assert "eosinophil" in read.untrained["Nuclei#TYPE"]
+    assert "eosinophil" in read.untrained["Nuclei#TYPE"]  # the cpu preset's Cerberus types
     assert read.metrics == {"glas": {"object_f1": 0.5}}
     for key, value in net.state_dict().items():  # stored as float16
         torch.testing.assert_close(loaded.state_dict()[key], value.half().to(value.dtype))
@@ -73,3 +73,18 @@ def test_shipped_weights_are_the_cpu_preset_with_their_provenance():
     assert info.untrained["Gland#TYPE"] == ["gland", "surface-epi"]
     assert {"glas", "monuseg"} <= set(info.metrics)
     assert set(info.postprocess["contour_px"]) == {"Gland", "Lumen", "Nuclei"}
+
+
+def test_a_preset_with_its_own_classes_round_trips_them(tmp_path):
+    net = build("cpu-multiscale")
+    weights.save(tmp_path / "w.pt", net, untrained={}, postprocess={}, training={})
+    info, _ = weights.read(tmp_path / "w.pt")
+    assert info.preset == PRESETS["cpu-multiscale"]
+    assert info.classes["Nuclei#TYPE"] == [
+        "nolabel",
+        "other",
+        "inflammatory",
+        "epithelial",
+        "connective",
+    ]
+    assert info.classes["Gland#TYPE"] == ["nolabel", "benign gland", "malignant gland"]
