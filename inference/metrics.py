@@ -196,7 +196,9 @@ def panoptic_quality(true: np.ndarray, pred: np.ndarray, iou: float = 0.5) -> di
     tp = len(pairs)
     fp = len(ov.pred_area) - tp
     fn = len(ov.true_area) - tp
-    dq = tp / (tp + 0.5 * fp + 0.5 * fn) if tp + fp + fn else 1.0
+    if tp + fp + fn == 0:  # nothing there and nothing found: perfect
+        return {"tp": 0, "fp": 0, "fn": 0, "dq": 1.0, "sq": 1.0, "pq": 1.0, "f1": 1.0}
+    dq = tp / (tp + 0.5 * fp + 0.5 * fn)
     sq = float(ov.iou[pairs[:, 0], pairs[:, 1]].mean()) if tp else 0.0
     return {"tp": tp, "fp": fp, "fn": fn, "dq": dq, "sq": sq, "pq": dq * sq, "f1": dq}
 

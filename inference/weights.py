@@ -26,7 +26,7 @@ import torch
 from inference.network import PRESETS, TISSUE_CLASSES, CerberusNet, Preset, build
 
 FORMAT = "spatialdb-weights/1"
-DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "cerberus-cpu.pt"
+DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "cerberus-cpu-multiscale.pt"
 #: Preset fields stored as lists in a weights file and as tuples in a `Preset`.
 _TUPLE_FIELDS = ("widths", "blocks", "nucleus_types", "gland_types")
 #: Contour widths (px at 0.5 µm/px) assumed for the published checkpoint's targets.

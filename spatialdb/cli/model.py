@@ -119,12 +119,13 @@ def _echo_table(title: str, table: dict) -> None:
     click.echo(f"  {title}:")
     rows = table if all(isinstance(v, dict) for v in table.values()) else {"": table}
     columns = list(next(iter(rows.values())))
-    click.echo("    " + "".ljust(12) + "".join(key.rjust(17) for key in columns))
+    width = max(17, *(len(key) + 2 for key in columns))
+    click.echo("    " + "".ljust(12) + "".join(key.rjust(width) for key in columns))
     for name, row in rows.items():
-        click.echo("    " + name.ljust(12) + "".join(_cell(row[key]) for key in columns))
+        click.echo("    " + name.ljust(12) + "".join(_cell(row[key], width) for key in columns))
 
 
-def _cell(value) -> str:
+def _cell(value, width: int = 17) -> str:
     if isinstance(value, str):
-        return value.rjust(17)
-    return f"{value:17.4f}" if isinstance(value, float) else f"{value:17d}"
+        return value.rjust(width)
+    return f"{value:{width}.4f}" if isinstance(value, float) else f"{value:{width}d}"

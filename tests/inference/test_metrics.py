@@ -101,6 +101,7 @@ def test_empty_predictions_score_zero_and_mismatched_shapes_are_refused():
     assert object_dice(true, empty) == 0.0
     assert aggregated_jaccard(true, empty) == 0.0
     assert panoptic_quality(true, empty)["pq"] == 0.0
+    assert panoptic_quality(empty, empty)["pq"] == 1.0  # an empty patch found empty is perfect
     assert object_hausdorff(true, empty) == pytest.approx(np.hypot(60, 60))
     with pytest.raises(ValueError, match="differ in shape"):
         pixel_dice(true, np.zeros((5, 5)))

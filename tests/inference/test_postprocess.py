@@ -73,3 +73,24 @@ def test_instance_type_is_the_majority_of_typed_pixels():
     types[6:, :5] = 2
     types[:, 5:] = 0  # untyped
     assert majority_types(instances, types, n_types=7) == {1: (3, 0.6)}
+
+
+def test_a_large_irregular_malignant_gland_stays_one_object():
+    """A gland of about 900 x 700 px (450 µm at 0.5 µm/px): a ragged, branching epithelial ring
+    whose predicted inner region is thin in places and encloses a large lumen the network calls
+    background, next to a small separate gland. One object each, the lumen filled in."""
+    y, x = np.mgrid[:800, :1000]
+    angle, radius = np.arctan2(y - 400, x - 500), np.hypot((y - 400) / 0.75, x - 500)
+    outer = 420 + 40 * np.sin(5 * angle) + 25 * np.sin(11 * angle)  # ragged outline
+    ring = (radius < outer) & (radius > outer - 60 + 45 * np.sin(3 * angle) ** 2)  # 15-60 px
+    branch = (np.abs(y - 400) < 12) & (x > 120) & (x < 500)  # a bridge across the lumen
+    gland = ring | (branch & (radius < outer))
+    inner = np.zeros((800, 1000), np.float32)
+    inner[gland] = 0.9
+    inner[(np.abs(x - 950) < 30) & (np.abs(y - 45) < 30)] = 0.9  # a small gland apart
+    probs = np.stack([1 - inner, inner, np.zeros_like(inner)])
+    labels = region_instances(probs, contour_px=6, min_area_px=2400)
+    big = labels[400, 700]  # in the lumen: filled
+    assert big > 0 and labels[400, 300] == big
+    assert np.unique(labels[gland]).tolist() == [big]
+    assert labels.max() == 2
