@@ -44,8 +44,20 @@ def test_segment_slide_reads_only_tissue_tiles(model, tmp_path):
             reader, model, TissueMask(mask, 4.0), workers=0, progress=lambda *a: calls.append(a)
         )
     )
-    # 4 x 7 tiles of 384; those whose 512 input touches the mask: rows 0-2, cols 1-3.
-    assert calls[-1] == (9, 9)
+    # the tiles whose input patch touches the mask (model px 240-960 down, 480-1120 across)
+    kept = model.info.preset.output_size
+    margin = (model.info.preset.input_size - kept) // 2
+
+    def touching(low, high, size):
+        return sum(
+            1
+            for t in range(-(-size // kept))
+            if t * kept - margin < high and (t + 1) * kept + margin > low
+        )
+
+    expected = touching(240, 960, 1200) * touching(480, 1120, 2400)
+    assert expected < -(-1200 // kept) * -(-2400 // kept)  # fewer than all the slide's tiles
+    assert calls[-1] == (expected, expected)
     nuclei = [g for o in objects if o.task == "Nuclei" for g in o.geoms]
     assert nuclei and all(480 - 8 <= g.centroid.x <= 1120 + 8 for g in nuclei)
     assert objects[-1].task == "Tissue"
