@@ -22,7 +22,7 @@ from scipy import ndimage
 
 from inference import datasets, metrics
 from inference.network import LABELLED_NUCLEUS_TYPES, CerberusNet
-from inference.postprocess import majority_types
+from inference.postprocess import majority_types, type_map
 from inference.predict import instances, predict_image, without_untrained
 from inference.weights import WeightsInfo
 
@@ -91,7 +91,7 @@ def _predict(net, info, image: np.ndarray, scale: float, tasks, device):
     types = {}
     if "Nuclei-TYPE" in maps and "Nuclei" in found:
         names = info.classes["Nuclei#TYPE"]
-        voted = majority_types(found["Nuclei"], maps["Nuclei-TYPE"].argmax(axis=0), len(names))
+        voted = majority_types(found["Nuclei"], type_map(maps["Nuclei-TYPE"]), len(names))
         types["Nuclei"] = {label: names[kind] for label, (kind, _) in voted.items()}
     labels = {
         task: datasets.resample_labels(labels, image.shape[:2]) for task, labels in found.items()

@@ -64,6 +64,14 @@ def lumina_inside_glands(lumina: np.ndarray, glands: np.ndarray, min_inside: flo
     return _relabel(kept)
 
 
+def type_map(probs: np.ndarray) -> np.ndarray:
+    """Per pixel, the most probable real type (channels 1..) of a type head's (C, H, W)
+    probabilities; 0 where every real type has probability zero (untrained heads). The head's
+    own no-label channel is left out: which pixels are objects is the instance head's call."""
+    real = probs[1:]
+    return np.where(real.max(axis=0) > 0, real.argmax(axis=0) + 1, 0).astype(np.uint8)
+
+
 def majority_types(instances: np.ndarray, type_map: np.ndarray, n_types: int) -> dict:
     """{instance: (type, fraction)} where type is the most frequent non-zero type inside the
     instance (type 0 = no label) and fraction its share of the instance's typed pixels."""

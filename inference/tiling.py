@@ -23,7 +23,7 @@ import shapely
 from scipy import ndimage
 from shapely.geometry import MultiPolygon, Polygon
 
-from inference.postprocess import majority_types
+from inference.postprocess import majority_types, type_map
 from inference.predict import instances
 
 #: Per-pixel channels kept of each tile output, as uint8 (probabilities × 255, or a type index).
@@ -173,8 +173,8 @@ def reduce_tile(heads: dict[str, np.ndarray]) -> np.ndarray:
             u8(heads["Lumen-INST"][1]),
             u8(heads["Nuclei-INST"][1]),
             u8(heads["Nuclei-INST"][2]),
-            heads["Nuclei-TYPE"].argmax(axis=0).astype(np.uint8),
-            heads["Gland-TYPE"].argmax(axis=0).astype(np.uint8),
+            type_map(heads["Nuclei-TYPE"]),
+            type_map(heads["Gland-TYPE"]),
         ]
     )
 

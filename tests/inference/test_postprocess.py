@@ -7,6 +7,7 @@ from inference.postprocess import (
     majority_types,
     nuclei_instances,
     region_instances,
+    type_map,
 )
 from inference.targets import inner_contour_map
 
@@ -94,3 +95,11 @@ def test_a_large_irregular_malignant_gland_stays_one_object():
     assert big > 0 and labels[400, 300] == big
     assert np.unique(labels[gland]).tolist() == [big]
     assert labels.max() == 2
+
+
+def test_type_map_takes_the_best_real_type_and_leaves_untrained_heads_at_zero():
+    probs = np.zeros((3, 1, 3), np.float32)
+    probs[:, 0, 0] = [0.8, 0.15, 0.05]  # the head says "no label": the best real type wins
+    probs[:, 0, 1] = [0.1, 0.2, 0.7]
+    probs[:, 0, 2] = [1.0, 0.0, 0.0]  # real types zeroed (untrained): no type
+    assert type_map(probs).tolist() == [[1, 2, 0]]
