@@ -17,7 +17,7 @@ shallow full-resolution convolution of the input as its skip.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +102,15 @@ class Preset:
         return 3
 
 
+_CPU = Preset(
+    name="cpu",
+    widths=(32, 32, 64, 128, 256),
+    blocks=(2, 2, 2, 2),
+    stem_stride=2,
+    input_size=512,
+    output_size=384,
+    head_channels=32,
+)
 PRESETS = {
     "cerberus": Preset(
         name="cerberus",
@@ -115,26 +124,15 @@ PRESETS = {
     # Our CPU design: half the widths, two blocks per stage, a stride-2 stem (decoders end at
     # 1 µm/px; logits are upsampled to the input), and a thin 64 px context margin so that most
     # of each patch is kept: 512 in, 384 kept.
-    "cpu": Preset(
-        name="cpu",
-        widths=(32, 32, 64, 128, 256),
-        blocks=(2, 2, 2, 2),
-        stem_stride=2,
-        input_size=512,
-        output_size=384,
-        head_channels=32,
-    ),
+    "cpu": _CPU,
     # The cpu encoder and decoders, with the region tasks at 1 µm/px (a 1024 px tile at 0.5 µm/px
     # is 512 µm of tissue for them, 384 µm of it kept), a full-resolution last stage for nuclei,
     # and heads for the classes the project's manual labels teach.
-    "cpu-multiscale": Preset(
+    "cpu-multiscale": replace(
+        _CPU,
         name="cpu-multiscale",
-        widths=(32, 32, 64, 128, 256),
-        blocks=(2, 2, 2, 2),
-        stem_stride=2,
         input_size=1024,
         output_size=768,
-        head_channels=32,
         gland_scale=2,
         fine_stage=True,
         nucleus_types=LABELLED_NUCLEUS_TYPES,
