@@ -156,7 +156,10 @@ stop() {
     [ -d "$home" ] || return 0
     for i in 2 1 0; do
         if [ -f "$home/${nodes[$i]}/PG_VERSION" ] && node_running "$i"; then
-            as_server "$pg_bin/pg_ctl" -D "$home/${nodes[$i]}" -m fast -w stop >/dev/null
+            # fast first; a node still busy after 30 s (Citus's maintenance daemon) is stopped
+            # immediately, which its WAL recovers from at the next start.
+            as_server "$pg_bin/pg_ctl" -D "$home/${nodes[$i]}" -m fast -w -t 30 stop >/dev/null 2>&1 ||
+                as_server "$pg_bin/pg_ctl" -D "$home/${nodes[$i]}" -m immediate -w stop >/dev/null
             log "${nodes[$i]} stopped"
         fi
     done
