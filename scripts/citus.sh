@@ -8,13 +8,15 @@
 #
 # Citus is built from ../shared/vendor/citus (or --tarball) when the server has no citus.so; that
 # needs root (apt packages and `make install` into the PostgreSQL directories). The nodes live in
-# $SPATIALDB_CITUS_HOME (default ~/.spatialdb-citus; /var/lib/spatialdb-citus as root) on ports $SPATIALDB_CITUS_PORT (default 9700)
-# and the next two; as root they run as the unprivileged account $SPATIALDB_SERVER_USER (spatialdb).
+# $SPATIALDB_CITUS_HOME (default ~/.spatialdb-citus; /var/lib/spatialdb-citus as root) on ports
+# $SPATIALDB_CITUS_PORT (default 9700) and the next two; as root they run as the unprivileged account $SPATIALDB_SERVER_USER (spatialdb).
 # Safe to run again: a running node is left as it is and the worker list is only ever completed.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
-if [ "$(id -u)" = 0 ]; then default_home=/var/lib/spatialdb-citus; else default_home="$HOME/.spatialdb-citus"; fi
+root=false
+[ "$(id -u)" = 0 ] && root=true
+if $root; then default_home=/var/lib/spatialdb-citus; else default_home="$HOME/.spatialdb-citus"; fi
 home="${SPATIALDB_CITUS_HOME:-$default_home}"
 port="${SPATIALDB_CITUS_PORT:-9700}"
 pg_bin=/usr/lib/postgresql/15/bin
@@ -26,7 +28,7 @@ fail() { echo "citus.sh: error: $*" >&2; exit 1; }
 log() { echo "citus.sh: $*" >&2; }
 
 as_server() {
-    if [ "$(id -u)" = 0 ]; then runuser -u "$server_user" -- "$@"; else "$@"; fi
+    if $root; then runuser -u "$server_user" -- "$@"; else "$@"; fi
 }
 
 node_port() { echo $((port + $1)); }
@@ -34,7 +36,7 @@ node_port() { echo $((port + $1)); }
 url() { echo "postgresql+psycopg2://$database@127.0.0.1:$port/$database"; }
 
 sql() {  # sql PORT DATABASE STATEMENT
-    "$pg_bin/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$1" -U "$database" -d "$2" -At -c "$3"
+    PGOPTIONS='-c client_min_messages=warning' "$pg_bin/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$1" -U "$database" -d "$2" -At -c "$3"
 }
 
 citus_installed() {
@@ -45,8 +47,7 @@ citus_installed() {
 install_citus() {  # install_citus TARBALL
     local tarball="$1" build
     [ -f "$tarball" ] || fail "no Citus source at $tarball (give one with --tarball)"
-    [ "$(id -u)" = 0 ] || fail "building Citus needs root (apt packages, make install)"
-    [ -x "$pg_bin/postgres" ] || fail "PostgreSQL 15 is not installed (bash scripts/setup.sh)"
+    $root || fail "building Citus needs root (apt packages, make install)"
     local version
     version="$(dpkg-query -W -f='${Version}' postgresql-15)"
     # The headers pinned to the installed server: unpinned, apt upgrades the server binaries.
@@ -81,7 +82,7 @@ init_node() {  # init_node INDEX
     [ -f "$data/PG_VERSION" ] && return
     rm -rf "$data"
     mkdir -p "$data"
-    [ "$(id -u)" = 0 ] && chown "$server_user:" "$data"
+    if $root; then chown "$server_user:" "$data"; fi
     chmod 700 "$data"
     as_server "$pg_bin/initdb" -D "$data" -U "$database" --auth=trust --encoding=UTF8 \
         --no-locale >"$home/$name.initdb.log" 2>&1 || { cat "$home/$name.initdb.log" >&2; fail "initdb of $name failed"; }
@@ -102,12 +103,13 @@ EOF
     printf 'host all all 127.0.0.1/32 trust\n' >"$data/pg_hba.conf"
 }
 
-node_running() { as_server "$pg_bin/pg_ctl" -D "$home/${nodes[$1]}" status >/dev/null 2>&1; }
+node_running() { [ -f "$home/${nodes[$1]}/PG_VERSION" ] && as_server "$pg_bin/pg_ctl" -D "$home/${nodes[$1]}" status >/dev/null 2>&1; }
 
 start_node() {
     local name="${nodes[$1]}"
     node_running "$1" && return
-    as_server "$pg_bin/pg_ctl" -D "$home/$name" -w -t 60 -l "$home/$name.log" start >/dev/null ||
+    # 9>&-: the server must not inherit the lock, or it would hold it for as long as it runs.
+    as_server "$pg_bin/pg_ctl" -D "$home/$name" -w -t 60 -l "$home/$name.log" start >/dev/null 9>&- ||
         { tail -20 "$home/$name.log" >&2; fail "$name did not start"; }
 }
 
@@ -117,7 +119,12 @@ prepare_node() {
     if [ -z "$(sql "$p" postgres "SELECT 1 FROM pg_database WHERE datname = '$database'")" ]; then
         sql "$p" postgres "CREATE DATABASE $database"
     fi
-    sql "$p" "$database" "CREATE EXTENSION IF NOT EXISTS citus; CREATE EXTENSION IF NOT EXISTS postgis"
+    # Only where missing: a worker already in the cluster refuses DDL, even IF NOT EXISTS.
+    for extension in citus postgis; do
+        if [ -z "$(sql "$p" "$database" "SELECT 1 FROM pg_extension WHERE extname = '$extension'")" ]; then
+            sql "$p" "$database" "CREATE EXTENSION $extension"
+        fi
+    done
 }
 
 start() {
@@ -132,15 +139,17 @@ start() {
     [ -f "$("$pg_bin/pg_config" --sharedir)/extension/postgis.control" ] ||
         fail "PostGIS is not installed (apt-get install postgresql-15-postgis-3)"
     citus_installed || install_citus "$tarball"
-    if [ "$(id -u)" = 0 ] && ! id "$server_user" >/dev/null 2>&1; then
+    if $root && ! id "$server_user" >/dev/null 2>&1; then
         useradd --system --no-create-home --shell /usr/sbin/nologin "$server_user"
     fi
     mkdir -p "$home"
     chmod 755 "$home"
-    [ "$(id -u)" = 0 ] && chown "$server_user:" "$home"
+    if $root; then chown "$server_user:" "$home"; fi
     exec 9>"$home/.lock"
     flock 9
-    for i in 0 1 2; do init_node "$i"; start_node "$i"; prepare_node "$i"; done
+    # Every node up before any DDL: the coordinator propagates extensions to its workers.
+    for i in 0 1 2; do init_node "$i"; start_node "$i"; done
+    for i in 0 1 2; do prepare_node "$i"; done
     sql "$port" "$database" "SELECT citus_set_coordinator_host('127.0.0.1', $port)" >/dev/null
     for i in 1 2; do
         local p
@@ -155,7 +164,7 @@ start() {
 stop() {
     [ -d "$home" ] || return 0
     for i in 2 1 0; do
-        if [ -f "$home/${nodes[$i]}/PG_VERSION" ] && node_running "$i"; then
+        if node_running "$i"; then
             # fast first; a node still busy after 30 s (Citus's maintenance daemon) is stopped
             # immediately, which its WAL recovers from at the next start.
             as_server "$pg_bin/pg_ctl" -D "$home/${nodes[$i]}" -m fast -w -t 30 stop >/dev/null 2>&1 ||
@@ -168,7 +177,7 @@ stop() {
 status() {
     local down=0
     for i in 0 1 2; do
-        if [ -f "$home/${nodes[$i]}/PG_VERSION" ] && node_running "$i"; then
+        if node_running "$i"; then
             echo "${nodes[$i]}: running on 127.0.0.1:$(node_port "$i")"
         else
             echo "${nodes[$i]}: stopped"
