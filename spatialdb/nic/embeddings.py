@@ -25,7 +25,7 @@ ON CONFLICT (slide_id, encoder_sha256) DO UPDATE SET
     encoder = EXCLUDED.encoder, source_run_id = EXCLUDED.source_run_id, mpp = EXCLUDED.mpp,
     cell_px = EXCLUDED.cell_px, rows = EXCLUDED.rows, cols = EXCLUDED.cols,
     channels = EXCLUDED.channels, dtype = EXCLUDED.dtype, tissue_cells = EXCLUDED.tissue_cells,
-    embeddings = EXCLUDED.embeddings, tissue = EXCLUDED.tissue, created_at = now()
+    embeddings = EXCLUDED.embeddings, tissue = EXCLUDED.tissue, created_at = EXCLUDED.created_at
 """
 LOAD = """
 SELECT e.slide_id, s.name, e.encoder, e.encoder_sha256, e.rows, e.cols, e.channels, e.dtype,
@@ -146,7 +146,8 @@ def store_predictions(engine: Engine, rows: list[dict]) -> None:
                 "value, label, details) VALUES (:slide_id, :model_sha256, :model_name, :target, "
                 ":task, :value, :label, CAST(:details AS jsonb)) "
                 "ON CONFLICT (slide_id, model_sha256) DO UPDATE SET value = EXCLUDED.value, "
-                "label = EXCLUDED.label, details = EXCLUDED.details, created_at = now()"
+                "label = EXCLUDED.label, details = EXCLUDED.details, "
+                "created_at = EXCLUDED.created_at"
             ),
             [{**r, "details": json.dumps(r.get("details", {}))} for r in rows],
         )

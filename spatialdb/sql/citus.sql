@@ -32,6 +32,7 @@ DECLARE
     fk text;
     t text;
     p record;
+    f record;
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus') THEN
         RAISE EXCEPTION 'the citus extension is not installed in this database';
@@ -80,6 +81,20 @@ BEGIN
 
     FOREACH fk IN ARRAY foreign_keys LOOP
         EXECUTE fk;
+    END LOOP;
+
+    -- The feature functions become PL/pgSQL with the same body: Citus cannot plan the body of
+    -- an SQL function that takes parameters, but plans each PL/pgSQL query with its values, as
+    -- a router query on the slide's worker.
+    FOR f IN
+        SELECT fn.oid, fn.proname, fn.prosrc FROM pg_proc fn JOIN pg_language l ON l.oid = fn.prolang
+        WHERE fn.pronamespace = 'public'::regnamespace AND l.lanname = 'sql'
+          AND fn.proname = ANY (ARRAY['gland_features', 'slide_features', 'nucleus_features'])
+    LOOP
+        EXECUTE format('CREATE OR REPLACE FUNCTION %I(%s) RETURNS %s LANGUAGE plpgsql STABLE AS %L',
+            f.proname, pg_get_function_arguments(f.oid), pg_get_function_result(f.oid),
+            E'#variable_conflict use_column\nBEGIN\nRETURN QUERY\n'
+            || rtrim(f.prosrc, E' \n;') || E';\nEND');
     END LOOP;
 END
 $$;

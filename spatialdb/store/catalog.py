@@ -52,7 +52,7 @@ ON CONFLICT (file_path) DO UPDATE SET
     name = EXCLUDED.name, fingerprint = EXCLUDED.fingerprint, width = EXCLUDED.width,
     height = EXCLUDED.height, mpp_x = EXCLUDED.mpp_x, mpp_y = EXCLUDED.mpp_y,
     level_count = EXCLUDED.level_count, objective_power = EXCLUDED.objective_power,
-    vendor = EXCLUDED.vendor, updated_at = now()
+    vendor = EXCLUDED.vendor, updated_at = EXCLUDED.updated_at
 RETURNING id
 """
 

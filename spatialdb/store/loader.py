@@ -34,6 +34,7 @@ from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
@@ -371,11 +372,12 @@ class RunWriter:
         )
         cur.execute(
             "UPDATE run SET object_counts = %s, load_report = %s, timings = %s, "
-            "finished_at = clock_timestamp() WHERE id = %s",
+            "finished_at = %s WHERE id = %s",  # Citus refuses volatile clock_timestamp() here
             (
                 json.dumps(counts),
                 json.dumps({"repaired": self.repaired, "dropped": self.dropped}),
                 json.dumps(all_timings),
+                datetime.now(UTC),
                 self.run_id,
             ),
         )

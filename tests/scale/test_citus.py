@@ -1,14 +1,11 @@
 """Citus scale-out: `spatialdb db upgrade --citus` and spatialdb/sql/citus.sql.
 
-Citus is not installable here, so against the test PostGIS the upgrade must refuse with one line
-and change nothing; the script itself, and loads and feature refreshes on the distributed tables,
-run on a real coordinator when SPATIALDB_CITUS_URL names one (e.g. the citusdata/citus image with
-PostGIS added).
+Against the test PostGIS (no citus extension) the upgrade must refuse with one line and change
+nothing; the script itself, and loads and feature refreshes on the distributed tables, run on the
+real Citus cluster of the `citus_url` fixture (tests/scale/conftest.py).
 """
 
 from __future__ import annotations
-
-import os
 
 import psycopg2
 import pytest
@@ -23,7 +20,6 @@ from spatialdb.store.loader import RunWriter
 from tests.conftest import blobs, make_slide
 from tests.test_cli import assert_one_error_line, spatialdb
 
-CITUS_URL = os.environ.get("SPATIALDB_CITUS_URL")
 REFERENCE = {"slide", "model", "run", "object_class"}
 DISTRIBUTED = {"nucleus", "gland", "lumen", "tissue_region", "gland_feature", "slide_feature",
                "slide_embedding", "slide_prediction"}  # fmt: skip
@@ -64,12 +60,11 @@ def test_the_script_compiles_and_stops_before_any_change_without_citus(engine):
     assert "create_distributed_table" in SCRIPT.read_text()
 
 
-@pytest.mark.skipif(not CITUS_URL, reason="set SPATIALDB_CITUS_URL to a Citus coordinator")
-def test_the_script_distributes_the_tables_by_slide_on_citus(cli_env):
+def test_the_script_distributes_the_tables_by_slide_on_citus(citus_url, cli_env):
     for _ in range(2):  # the second run changes nothing
-        result = spatialdb("--db-url", CITUS_URL, "db", "upgrade", "--citus", env=cli_env)
+        result = spatialdb("--db-url", citus_url, "db", "upgrade", "--citus", env=cli_env)
         assert result.returncode == 0, result.stderr
-    engine = connect(CITUS_URL)
+    engine = connect(citus_url)
     with engine.connect() as conn:
         rows = conn.execute(
             text(
@@ -87,12 +82,11 @@ def test_the_script_distributes_the_tables_by_slide_on_citus(cli_env):
     engine.dispose()
 
 
-@pytest.mark.skipif(not CITUS_URL, reason="set SPATIALDB_CITUS_URL to a Citus coordinator")
-def test_runs_load_replace_and_get_features_on_citus(cli_env):
+def test_runs_load_replace_and_get_features_on_citus(citus_url, cli_env):
     """The loader's one-lane layout on a coordinator: each run is one distributed table."""
-    result = spatialdb("--db-url", CITUS_URL, "db", "upgrade", "--citus", env=cli_env)
+    result = spatialdb("--db-url", citus_url, "db", "upgrade", "--citus", env=cli_env)
     assert result.returncode == 0, result.stderr
-    engine = connect(CITUS_URL)
+    engine = connect(citus_url)
     slide, loaded = make_slide("citus-live"), None
     try:
         for seed in (1, 2):  # the second run replaces the first

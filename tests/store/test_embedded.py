@@ -77,7 +77,7 @@ def test_first_use_creates_migrates_and_restarts_the_cluster(home):
     engine.dispose()
 
 
-def test_external_url_never_starts_a_cluster(cli_env):
+def test_external_url_never_starts_a_cluster(engine, cli_env):  # engine: the schema is current
     result = run_cli("status", env=cli_env)
     assert result.returncode == 0, result.stderr
     assert not Path(cli_env["SPATIALDB_HOME"]).exists()
