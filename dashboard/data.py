@@ -27,15 +27,16 @@ SELECT s.id, s.name, s.status, r.kind AS run_kind, m.name AS model,
        f.run_id IS NOT NULL AND f.run_id = s.current_run_id AS features,
        f.gland_area_fraction, f.nuclei_per_1000um2_in_glands, f.nuclei_per_1000um2_in_stroma,
        f.gland_feature_quantiles -> 'area_um2' ->> 'q50' AS median_gland_area_um2,
-       (SELECT p.target || ': ' || coalesce(p.label || ' (p = ' || round(p.value::numeric, 2) || ')',
-                                            round(p.value::numeric, 3)::text)
-        FROM slide_prediction p WHERE p.slide_id = s.id
-        ORDER BY p.created_at DESC LIMIT 1) AS prediction,
+       p.target || ': ' || coalesce(p.label || ' (p = ' || round(p.value::numeric, 2) || ')',
+                                    round(p.value::numeric, 3)::text) AS prediction,
        s.width, s.height, s.mpp_x, s.file_path, s.current_run_id AS run_id, r.finished_at
 FROM slide s
 LEFT JOIN run r ON r.id = s.current_run_id
 LEFT JOIN model m ON m.id = r.model_id
 LEFT JOIN slide_feature f ON f.slide_id = s.id
+-- Each slide's latest prediction, as a join: Citus refuses a correlated subquery here.
+LEFT JOIN (SELECT DISTINCT ON (slide_id) slide_id, target, label, value FROM slide_prediction
+           ORDER BY slide_id, created_at DESC) p ON p.slide_id = s.id
 ORDER BY s.id
 """  # noqa: E501
 #: The layer queries read one run (the one the view shows), so that layers fetched on separate
@@ -110,11 +111,17 @@ class Reader:
 
     def _read_only(self, dbapi_connection, _record) -> None:
         cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute(f"SET ROLE {READER_ROLE}")
-        except Exception:  # the role is missing or not granted: read-only transactions only
-            dbapi_connection.rollback()
+        # Citus runs a query's tasks on the workers as the current role, and the reader role
+        # cannot log in: there, read-only transactions only.
+        cursor.execute("SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')")
+        if cursor.fetchone()[0]:
             self.mode = "read-only transactions"
+        else:
+            try:
+                cursor.execute(f"SET ROLE {READER_ROLE}")
+            except Exception:  # the role is missing or not granted: read-only transactions only
+                dbapi_connection.rollback()
+                self.mode = "read-only transactions"
         cursor.execute("SET default_transaction_read_only = on")
         cursor.close()
         dbapi_connection.commit()
