@@ -17,7 +17,7 @@ from inference.network import CerberusNet
 #: inner-class probability, on the nuclear foreground, and the smallest instance kept (µm²).
 #: The gland values were chosen on GlaS training images (not the held-out ones).
 POSTPROCESS = {
-    "inner_threshold": {"Gland": 0.5, "Lumen": 0.5, "Nuclei": 0.5},
+    "inner_threshold": {"Gland": 0.3, "Lumen": 0.5, "Nuclei": 0.5},
     "foreground_threshold": 0.5,
     "min_area_um2": {"Gland": 600.0, "Lumen": 10.0, "Nuclei": 3.0},
 }
