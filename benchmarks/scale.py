@@ -10,6 +10,10 @@ catalogue and the database size, and each figure's ratio to the first checkpoint
 
     python benchmarks/scale.py [--slides 10,100,300,1000] [--nuclei 2000]
 
+On a Citus coordinator (`spatialdb db upgrade --citus` done) it also prints the shards in Citus's
+metadata and the relations in the workers' catalogues, the figures that decide how many slides the
+layout holds.
+
 Uses SPATIALDB_URL, or the embedded cluster in SPATIALDB_HOME: point it at a scratch database,
 since it adds (and leaves) that many synthetic slides.
 """
@@ -36,6 +40,13 @@ from synthetic import gland_slide, load_slide  # noqa: E402
 from dashboard.data import COHORT, OBJECTS_IN_VIEW  # noqa: E402
 from spatialdb.store.db import connect  # noqa: E402
 
+HAS_CITUS = "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')"
+#: Shards in the metadata, and relations in all the workers' catalogues together.
+CITUS_CATALOGUE = """
+SELECT (SELECT count(*) FROM pg_dist_shard),
+       (SELECT sum(result::bigint) FROM run_command_on_workers('SELECT count(*) FROM pg_class'))
+"""
+
 
 def timed(engine, query: str, params: dict, repeat: int) -> float:
     times = []
@@ -58,13 +69,17 @@ def main() -> None:
         start = conn.execute(text("SELECT count(*) FROM slide")).scalar()
     objects = gland_slide(glands=args.nuclei // 100, lumina=args.nuclei // 70, nuclei=args.nuclei)
     view = OBJECTS_IN_VIEW.format(table="nucleus")
+    with engine.connect() as conn:
+        citus = conn.execute(text(HAS_CITUS)).scalar()
     print(
         f"slides of {args.nuclei:,} nuclei, {args.nuclei // 100} glands, "
         f"{args.nuclei // 70} lumina ({start} slides there already)"
     )
     print(
         f"{'slides':>7} {'load s':>8} {'view ms':>8} {'cohort ms':>10} {'relations':>10} "
-        f"{'db MiB':>8}   ratios to the first row"
+        f"{'db MiB':>8}"
+        + (f" {'shards':>8} {'worker rels':>12}" if citus else "")
+        + "   ratios to the first row"
     )
     loaded, first = start, None
     for target in checkpoints:
@@ -80,6 +95,7 @@ def main() -> None:
             ).scalar()
             relations = conn.execute(text("SELECT count(*) FROM pg_class")).scalar()
             size = conn.execute(text("SELECT pg_database_size(current_database())")).scalar()
+            shards = conn.execute(text(CITUS_CATALOGUE)).one() if citus else ()
         box = {"x0": 0, "y0": 0, "x1": 1200, "y1": 1200}
         params = {"slide": slide_id, "run": run_id, "tolerance": 1.0, "limit": 40_000, **box}
         row = (
@@ -88,12 +104,13 @@ def main() -> None:
             1000 * timed(engine, COHORT, {}, 5),
             relations,
             size / 2**20,
+            *shards,
         )
         first = first or row
         ratios = " ".join(f"{a / b:5.2f}" for a, b in zip(row, first, strict=True))
         print(
             f"{loaded:>7} {row[0]:>8.3f} {row[1]:>8.2f} {row[2]:>10.1f} {row[3]:>10,} "
-            f"{row[4]:>8.0f}   {ratios}"
+            f"{row[4]:>8.0f}" + (f" {row[5]:>8,} {row[6]:>12,}" if citus else "") + f"   {ratios}"
         )
 
 
