@@ -20,7 +20,7 @@ READER_ROLE = "spatialdb_reader"
 TABLES = ("nucleus", "gland", "lumen", "tissue_region")
 
 COHORT = """
-SELECT s.id, s.name, s.status, r.kind AS run_kind, m.name AS model,
+SELECT DISTINCT ON (s.id) s.id, s.name, s.status, r.kind AS run_kind, m.name AS model,
        (SELECT coalesce(sum(v::text::bigint), 0) FROM jsonb_each(r.object_counts -> 'nucleus') e(k, v)) AS nuclei,
        (SELECT coalesce(sum(v::text::bigint), 0) FROM jsonb_each(r.object_counts -> 'gland') e(k, v)) AS glands,
        (SELECT coalesce(sum(v::text::bigint), 0) FROM jsonb_each(r.object_counts -> 'lumen') e(k, v)) AS lumina,
@@ -34,10 +34,9 @@ FROM slide s
 LEFT JOIN run r ON r.id = s.current_run_id
 LEFT JOIN model m ON m.id = r.model_id
 LEFT JOIN slide_feature f ON f.slide_id = s.id
--- Each slide's latest prediction, as a join: Citus refuses a correlated subquery here.
-LEFT JOIN (SELECT DISTINCT ON (slide_id) slide_id, target, label, value FROM slide_prediction
-           ORDER BY slide_id, created_at DESC) p ON p.slide_id = s.id
-ORDER BY s.id
+-- Each slide's latest prediction (DISTINCT ON): Citus refuses a correlated subquery here.
+LEFT JOIN slide_prediction p ON p.slide_id = s.id
+ORDER BY s.id, p.created_at DESC
 """  # noqa: E501
 #: The layer queries read one run (the one the view shows), so that layers fetched on separate
 #: connections can be checked to come from the same run (see `dashboard.overlay.render`).

@@ -15,10 +15,13 @@
 --   distribution column); reference -> reference (run -> slide, run -> model,
 --   slide.current_run_id -> run) too; there is no key from a reference table to a distributed
 --   one. The keys are dropped while the tables are converted and added back after.
--- * Citus refuses multi-level partitioning. A multi-lane load stores a slide's run as a
---   partition that is itself RANGE-partitioned by id (one leaf per load lane), so each such
---   partition is first rewritten here as one plain table. On a coordinator the loader takes one
---   lane and attaches one plain table per slide, which Citus distributes (spatialdb/loader.py).
+-- * Object tables are one table each here, not one partition per slide: Citus gives every
+--   partition of a distributed table citus.shard_count shards of its own, so that layout grew by
+--   128 shards (about 950 relations on the workers) per slide (benchmarks/scale.py). Each object
+--   table is rewritten as a plain table with the same columns, keys and indexes, and loses its
+--   keys to slide and run: a load writes its objects before its slide and run rows (an upsert on
+--   a reference table would make concurrent loaders wait for each other), and one transaction
+--   writes both (spatialdb/store/loader.py); deletes remove the objects themselves.
 SET LOCAL citus.multi_shard_modify_mode TO 'sequential';
 
 DO $$
@@ -40,31 +43,35 @@ BEGIN
     SELECT array_agg(name::regclass) INTO all_tables
     FROM unnest(reference_tables || slide_tables) name;
 
-    -- Slide partitions that are partitioned themselves become one plain table each.
-    FOR p IN
-        SELECT c.relname, i.inhparent::regclass AS parent, pg_get_expr(c.relpartbound, c.oid) AS bound
-        FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-        WHERE i.inhparent = ANY (SELECT unnest(object_tables)::regclass) AND c.relkind = 'p'
-    LOOP
-        EXECUTE format('ALTER TABLE %s DETACH PARTITION %I', p.parent, p.relname);
-        EXECUTE format('CREATE TABLE %I (LIKE %s)', p.relname || '_flat', p.parent);
-        EXECUTE format('INSERT INTO %I SELECT * FROM %I', p.relname || '_flat', p.relname);
-        EXECUTE format('DROP TABLE %I', p.relname);
-        EXECUTE format('ALTER TABLE %I RENAME TO %I', p.relname || '_flat', p.relname);
-        EXECUTE format('ALTER TABLE %s ATTACH PARTITION %I %s', p.parent, p.relname, p.bound);
-    END LOOP;
-
     -- Foreign keys between these tables, set aside while the tables change kind.
     SELECT coalesce(array_agg(format('ALTER TABLE %s ADD CONSTRAINT %I %s',
                                      conrelid::regclass, conname, pg_get_constraintdef(oid))), '{}')
     INTO foreign_keys
     FROM pg_constraint
-    WHERE contype = 'f' AND conparentid = 0 AND conrelid = ANY (all_tables);
+    WHERE contype = 'f' AND conparentid = 0 AND conrelid = ANY (all_tables)
+      AND conrelid <> ALL (SELECT unnest(object_tables)::regclass);
     FOR t, fk IN
         SELECT conrelid::regclass::text, conname FROM pg_constraint
         WHERE contype = 'f' AND conparentid = 0 AND conrelid = ANY (all_tables)
     LOOP
         EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I', t, fk);
+    END LOOP;
+
+    -- Object tables partitioned by slide become one plain table each (their keys to slide and
+    -- run, dropped above, are not added back).
+    FOREACH t IN ARRAY object_tables LOOP
+        IF (SELECT relkind FROM pg_class WHERE oid = t::regclass) = 'p' THEN
+            EXECUTE format('CREATE TABLE %I (LIKE %I INCLUDING ALL)', t || '_plain', t);
+            EXECUTE format('INSERT INTO %I SELECT * FROM %I', t || '_plain', t);
+            EXECUTE format('DROP TABLE %I', t);
+            EXECUTE format('ALTER TABLE %I RENAME TO %I', t || '_plain', t);
+            FOR p IN SELECT indexrelid::regclass::text AS name FROM pg_index
+                     WHERE indrelid = t::regclass
+            LOOP
+                EXECUTE format('ALTER INDEX %I RENAME TO %I', p.name,
+                               regexp_replace(p.name, '^' || t || '_plain', t));
+            END LOOP;
+        END IF;
     END LOOP;
 
     FOREACH t IN ARRAY reference_tables LOOP

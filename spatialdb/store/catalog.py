@@ -87,12 +87,17 @@ def upsert_model(cursor, model: ModelRecord) -> int:
     return cursor.fetchone()[0]
 
 
-def drop_slide_partitions(cursor, slide_id: int) -> None:
-    """Drop the partitions that hold a slide's objects, in every object table."""
+def drop_slide_objects(cursor, slide_id: int) -> None:
+    """Remove a slide's objects from every object table: its partitions dropped, or (tables not
+    partitioned, as on Citus) its rows deleted."""
     for table in OBJECT_TABLES:
         cursor.execute(SLIDE_PARTITIONS, {"parent": table, "slide_id": slide_id})
         for (partition,) in cursor.fetchall():
             cursor.execute(sql.SQL("DROP TABLE {}").format(sql.SQL(partition)))
+        cursor.execute(
+            sql.SQL("DELETE FROM {} WHERE slide_id = %s").format(sql.Identifier(table)),
+            (slide_id,),
+        )
 
 
 def find_slide(engine: Engine, ref: str) -> dict:
@@ -146,7 +151,7 @@ def delete_slide(engine: Engine, slide_id: int) -> None:
             cursor.execute("SELECT id FROM slide WHERE id = %s FOR UPDATE", (slide_id,))
             if cursor.fetchone() is None:
                 raise UserError(f"no slide with id {slide_id}")
-            drop_slide_partitions(cursor, slide_id)
+            drop_slide_objects(cursor, slide_id)
             cursor.execute("DELETE FROM slide WHERE id = %s", (slide_id,))
         raw.commit()
     except BaseException:

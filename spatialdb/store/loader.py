@@ -6,9 +6,12 @@ k * LANE_ID_BLOCK + 1, with binary COPY (FREEZE; with wal_level=minimal no WAL),
 indexes and runs ANALYZE, all in parallel. At commit, the coordinating connection (lane 0) gathers
 the leaves under one range-partitioned table per object table, drops the slide's old partitions
 and attaches the new ones, marks the run current and commits: readers see the old run or the new
-one, never a mix. A one-lane load attaches its single leaf as the slide's partition itself; loads
-into a Citus coordinator always take one lane, since Citus refuses multi-level partitioning (it
-distributes each attached table co-located with its parent).
+one, never a mix. A one-lane load attaches its single leaf as the slide's partition itself.
+
+Where the object tables are not partitioned (a Citus coordinator after `db upgrade --citus`:
+spatialdb/sql/citus.sql), a load takes one lane and writes in place: its transaction deletes the
+slide's objects, copies the new ones into the tables themselves and, at commit, writes the slide
+and run rows; readers see the old run or the new one, as above.
 
 Lane 0's leaves live inside the coordinating transaction. The other lanes' leaves are committed
 just before the swap; if the process dies in that window they are orphans no reader can see
@@ -128,7 +131,7 @@ class RunWriter:
         self.repaired = 0
         self.dropped = 0
         self.timings: Counter = Counter()
-        self._citus = False
+        self._in_place = False
         self._conns: list = []
         self._committed_leaves: list[str] = []
         self._committed = False
@@ -140,8 +143,8 @@ class RunWriter:
         self._lane_pool = ThreadPoolExecutor(max_workers=self.n_lanes)
         try:
             self._conns = [self.engine.raw_connection()]
-            self._citus = has_citus(self._conns[0].cursor())
-            if self._citus:
+            self._in_place = not objects_partitioned(self._conns[0].cursor())
+            if self._in_place:
                 self.n_lanes = 1
             self._conns += [self.engine.raw_connection() for _ in range(1, self.n_lanes)]
             self._cursors = [conn.cursor() for conn in self._conns]
@@ -210,6 +213,14 @@ class RunWriter:
         for table in OBJECT_TABLES:
             cur.execute(COLUMNS_DDL, (table,))
             columns[table] = cur.fetchone()[0]
+        if self._in_place:
+            self.leaves = {t: [t] for t in OBJECT_TABLES}
+            for table in OBJECT_TABLES:  # the old run's objects (their ids would collide)
+                cur.execute(
+                    sql.SQL("DELETE FROM {} WHERE slide_id = %s").format(sql.Identifier(table)),
+                    (self.slide_id,),
+                )
+            return
         self.partition = {t: f"{t}_s{self.slide_id}_r{self.run_id}" for t in OBJECT_TABLES}
         self.leaves = {
             t: [f"{p}_l{k}" for k in range(self.n_lanes)] for t, p in self.partition.items()
@@ -306,8 +317,10 @@ class RunWriter:
                     reports.append((prepared, class_counts))
                     yield data
 
-            statement = sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT binary, FREEZE)").format(
-                sql.Identifier(self.leaves[table][k]), columns
+            statement = sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT binary{})").format(
+                sql.Identifier(self.leaves[table][k]),
+                columns,
+                sql.SQL("" if self._in_place else ", FREEZE"),  # FREEZE: tables of this load
             )
             self._cursors[k].copy_expert(statement, CopyStream(chunks()), size=1 << 20)
 
@@ -337,7 +350,8 @@ class RunWriter:
                 for statement in INDEX_STATEMENTS:
                     self._cursors[k].execute(sql.SQL(statement).format(sql.Identifier(leaves[k])))
 
-        self._on_lanes(index_lane, list(range(self.n_lanes)))
+        if not self._in_place:  # in place, the tables' own indexes are kept up to date
+            self._on_lanes(index_lane, list(range(self.n_lanes)))
         for k in range(1, self.n_lanes):
             self._committed_leaves += [leaves[k] for leaves in self.leaves.values()]
             self._conns[k].commit()
@@ -345,8 +359,6 @@ class RunWriter:
 
         started = time.perf_counter()
         cur = self._cursors[0]
-        if self._citus:  # distributing the new partitions after writes to reference tables
-            cur.execute("SET LOCAL citus.multi_shard_modify_mode TO 'sequential'")
         cur.execute("SELECT pg_advisory_xact_lock(%s, 0)", (SWAP_LOCK,))  # one swap at a time
         if upsert_slide(cur, self.slide, self.slide_id) != self.slide_id:
             raise RuntimeError(f"{self.slide.file_path} was registered meanwhile; load it again")
@@ -355,8 +367,9 @@ class RunWriter:
             "VALUES (%s, %s, %s, %s, 'complete', %s)",
             (self.run_id, self.slide_id, self._model_id, self.kind, json.dumps(self.parameters)),
         )
-        for table, partition in self.partition.items():
-            self._assemble(cur, table, partition)
+        if not self._in_place:
+            for table, partition in self.partition.items():
+                self._assemble(cur, table, partition)
         counts = {t: {k: int(v) for k, v in c.items()} for t, c in self.counts.items()}
         all_timings = {**(timings or {}), **{k: round(v, 4) for k, v in self.timings.items()}}
         all_timings["swap_s"] = round(time.perf_counter() - started, 4)
@@ -425,9 +438,9 @@ class RunWriter:
         )
 
 
-def has_citus(cursor) -> bool:
-    """Whether the database is a Citus coordinator (the citus extension is installed)."""
-    cursor.execute("SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')")
+def objects_partitioned(cursor) -> bool:
+    """Whether the object tables are partitioned by slide (not so on a distributed Citus schema)."""
+    cursor.execute("SELECT relkind = 'p' FROM pg_class WHERE oid = 'nucleus'::regclass")
     return cursor.fetchone()[0]
 
 

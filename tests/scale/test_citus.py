@@ -82,40 +82,47 @@ def test_the_script_distributes_the_tables_by_slide_on_citus(citus_url, cli_env)
     engine.dispose()
 
 
-def test_runs_load_replace_and_get_features_on_citus(citus_url, cli_env):
-    """The loader's one-lane layout on a coordinator: each run is one distributed table."""
+def test_runs_load_in_place_replace_and_get_features_on_citus(citus_url, cli_env):
+    """The object tables are distributed plain tables: a load writes into them in place, readers
+    see the old run until it commits, and more slides add rows, not shards."""
     result = spatialdb("--db-url", citus_url, "db", "upgrade", "--citus", env=cli_env)
     assert result.returncode == 0, result.stderr
     engine = connect(citus_url)
-    slide, loaded = make_slide("citus-live"), None
+
+    def scalar(query: str, **params):
+        with engine.connect() as conn:
+            return conn.execute(text(query), params).scalar_one()
+
+    shards = scalar("SELECT count(*) FROM pg_dist_shard")
+    slides, loaded = [make_slide(f"citus-live-{k}") for k in range(3)], []
     try:
         for seed in (1, 2):  # the second run replaces the first
-            with RunWriter(engine, slide, lanes=3) as run:
-                run.add("nucleus", blobs(400, seed=seed), "epithelial")
+            with RunWriter(engine, slides[0], lanes=3) as run:
+                run.add("nucleus", blobs(400 * seed, seed=seed), "epithelial")
                 run.add("gland", [shapely.box(0, 0, 5_000, 5_000)], "gland")
-                loaded = run.commit()
-            refresh(engine, loaded.slide_id)
-        with engine.connect() as conn:
-            partitions = conn.execute(
-                text(
-                    "SELECT c.relname, c.relkind, p.partmethod FROM pg_inherits i "
-                    "JOIN pg_class c ON c.oid = i.inhrelid "
-                    "LEFT JOIN pg_dist_partition p ON p.logicalrelid = c.oid "
-                    "WHERE i.inhparent = 'nucleus'::regclass AND c.relname LIKE :name"
-                ),
-                {"name": f"nucleus_s{loaded.slide_id}_%"},
-            ).all()
-            assert [tuple(p) for p in partitions] == [
-                (f"nucleus_s{loaded.slide_id}_r{loaded.run_id}_l0", "r", "h")
-            ]
-            count, inside = conn.execute(
-                text(
-                    "SELECT nucleus_count, nuclei_in_glands FROM slide_feature WHERE slide_id = :s"
-                ),
-                {"s": loaded.slide_id},
-            ).one()
-        assert count == 400 and 0 < inside < 400
+                seen = scalar("SELECT count(*) FROM nucleus WHERE slide_id = :s", s=run.slide_id)
+                assert seen == (0 if seed == 1 else 400)  # the old run, until the commit
+                loaded.append(run.commit())
+            refresh(engine, loaded[-1].slide_id)
+        first = loaded[-1]
+        count, inside = scalar(
+            "SELECT array[nucleus_count, nuclei_in_glands] FROM slide_feature WHERE slide_id = :s",
+            s=first.slide_id,
+        )
+        assert count == 800 and 0 < inside < 800
+        runs = scalar("SELECT array_agg(DISTINCT run_id) FROM nucleus WHERE slide_id = :s",
+                      s=first.slide_id)  # fmt: skip
+        assert runs == [first.run_id]
+        for slide in slides[1:]:
+            with RunWriter(engine, slide) as run:
+                run.add("nucleus", blobs(100, seed=3), "epithelial")
+                loaded.append(run.commit())
+        assert scalar("SELECT count(*) FROM pg_dist_shard") == shards
+        assert scalar("SELECT count(*) FROM pg_inherits WHERE inhparent = 'nucleus'::regclass") == 0
+        delete_slide(engine, first.slide_id)
+        assert scalar("SELECT count(*) FROM nucleus WHERE slide_id = :s", s=first.slide_id) == 0
     finally:
-        if loaded is not None:
-            delete_slide(engine, loaded.slide_id)
+        for result in loaded:
+            if scalar("SELECT count(*) FROM slide WHERE id = :s", s=result.slide_id):
+                delete_slide(engine, result.slide_id)
         engine.dispose()

@@ -160,17 +160,6 @@ def test_one_lane_attaches_a_plain_table_and_layouts_replace_each_other(engine):
     )
 
 
-def test_a_citus_coordinator_gets_one_lane_and_plain_partitions(engine, monkeypatch):
-    """Citus refuses multi-level partitions: with the extension present, loads take one lane."""
-    with engine.connect() as conn:
-        assert loader.has_citus(conn.connection.cursor()) is False  # plain PostGIS here
-    monkeypatch.setattr(loader, "has_citus", lambda cursor: True)
-    result = load(engine, make_slide(), {"nucleus": (blobs(500), "a")}, lanes=3)
-    assert result.total("nucleus") == 500
-    name = f"nucleus_s{result.slide_id}_r{result.run_id}_l0"
-    assert slide_partitions(engine) == {name: ("r", [])}
-
-
 def test_new_run_replaces_the_old_one_atomically(engine):
     slide = make_slide()
     first = load(
