@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# A local Citus cluster for tests and for trying the scale-out: one coordinator and two workers,
-# each a PostgreSQL 15 cluster with Citus and PostGIS, listening on 127.0.0.1 only.
+# A local Citus cluster for tests and for trying the scale-out: one coordinator and two workers
+# (or more), each a PostgreSQL 15 cluster with Citus and PostGIS, listening on 127.0.0.1 only.
 #
-#   scripts/citus.sh start [--tarball citus-X.Y.Z.tar.gz]   build Citus if needed, start, print URL
-#   scripts/citus.sh stop                                   stop every node (nothing left running)
-#   scripts/citus.sh status                                 each node, and the URL while running
+#   scripts/citus.sh start [--workers N] [--tarball citus-X.Y.Z.tar.gz]
+#                                 build Citus if needed, start N workers (default 2), print the URL
+#   scripts/citus.sh stop         stop every node (nothing left running)
+#   scripts/citus.sh status       each node, and the URL while running
 #
 # Citus is built from ../shared/vendor/citus (or --tarball) when the server has no citus.so; that
 # needs root (apt packages and `make install` into the PostgreSQL directories). The nodes live in
 # $SPATIALDB_CITUS_HOME (default ~/.spatialdb-citus; /var/lib/spatialdb-citus as root) on ports
-# $SPATIALDB_CITUS_PORT (default 9700) and the next two; as root they run as the unprivileged account $SPATIALDB_SERVER_USER (spatialdb).
-# Safe to run again: a running node is left as it is and the worker list is only ever completed.
+# $SPATIALDB_CITUS_PORT (default 9700) and the next ones; as root they run as the unprivileged
+# account $SPATIALDB_SERVER_USER (spatialdb). Safe to run again: a running node is left as it is
+# and the worker list is only ever completed (a worker once added stays; move its shards with
+# citus_rebalance_start() after adding one).
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -21,7 +24,14 @@ home="${SPATIALDB_CITUS_HOME:-$default_home}"
 port="${SPATIALDB_CITUS_PORT:-9700}"
 pg_bin=/usr/lib/postgresql/15/bin
 server_user="${SPATIALDB_SERVER_USER:-spatialdb}"
-nodes=(coordinator worker1 worker2)
+nodes=(coordinator)
+
+set_nodes() {  # set_nodes N: the coordinator and N workers, and every worker already on disk
+    local count="$1" i=1
+    while [ -f "$home/worker$((count + 1))/PG_VERSION" ]; do count=$((count + 1)); done
+    nodes=(coordinator)
+    while [ "$i" -le "$count" ]; do nodes+=("worker$i"); i=$((i + 1)); done
+}
 database=spatialdb
 
 fail() { echo "citus.sh: error: $*" >&2; exit 1; }
@@ -44,7 +54,7 @@ citus_installed() {
         [ -f "$("$pg_bin/pg_config" --sharedir)/extension/citus.control" ]
 }
 
-install_citus() {  # install_citus TARBALL
+install_citus() (  # install_citus TARBALL; a subshell, so that its EXIT trap removes the build
     local tarball="$1" build
     [ -f "$tarball" ] || fail "no Citus source at $tarball (give one with --tarball)"
     $root || fail "building Citus needs root (apt packages, make install)"
@@ -63,7 +73,7 @@ install_citus() {  # install_citus TARBALL
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     fi
     build="$(mktemp -d)"
-    trap 'rm -rf "$build"' RETURN
+    trap 'rm -rf "$build"' EXIT
     log "building Citus from $tarball"
     tar -xzf "$tarball" -C "$build" --strip-components=1
     (
@@ -75,7 +85,7 @@ install_citus() {  # install_citus TARBALL
     ) || fail "building Citus failed (see the lines above)"
     citus_installed || fail "make install did not install citus.so into $("$pg_bin/pg_config" --pkglibdir)"
     log "Citus installed"
-}
+)
 
 init_node() {  # init_node INDEX
     local name="${nodes[$1]}" data="$home/${nodes[$1]}"
@@ -128,10 +138,13 @@ prepare_node() {
 }
 
 start() {
-    local tarball="$here/../shared/vendor/citus/citus-13.2.2.tar.gz"
+    local tarball="$here/../shared/vendor/citus/citus-13.2.2.tar.gz" workers=2
     while [ $# -gt 0 ]; do
         case "$1" in
             --tarball) tarball="${2:?--tarball needs a path}"; shift 2 ;;
+            --workers)
+                workers="${2:?--workers needs a count}"; shift 2
+                [[ "$workers" =~ ^[1-9][0-9]?$ ]] || fail "--workers must be a count from 1 to 99" ;;
             *) fail "unknown option $1" ;;
         esac
     done
@@ -148,10 +161,12 @@ start() {
     exec 9>"$home/.lock"
     flock 9
     # Every node up before any DDL: the coordinator propagates extensions to its workers.
-    for i in 0 1 2; do init_node "$i"; start_node "$i"; done
-    for i in 0 1 2; do prepare_node "$i"; done
+    set_nodes "$workers"
+    local i
+    for i in "${!nodes[@]}"; do init_node "$i"; start_node "$i"; done
+    for i in "${!nodes[@]}"; do prepare_node "$i"; done
     sql "$port" "$database" "SELECT citus_set_coordinator_host('127.0.0.1', $port)" >/dev/null
-    for i in 1 2; do
+    for i in $(seq 1 $((${#nodes[@]} - 1))); do
         local p
         p="$(node_port "$i")"
         if [ -z "$(sql "$port" "$database" "SELECT 1 FROM pg_dist_node WHERE nodeport = $p")" ]; then
@@ -163,7 +178,9 @@ start() {
 
 stop() {
     [ -d "$home" ] || return 0
-    for i in 2 1 0; do
+    set_nodes 0
+    local i
+    for i in $(seq $((${#nodes[@]} - 1)) -1 0); do
         if node_running "$i"; then
             # fast first; a node still busy after 30 s (Citus's maintenance daemon) is stopped
             # immediately, which its WAL recovers from at the next start.
@@ -175,8 +192,9 @@ stop() {
 }
 
 status() {
-    local down=0
-    for i in 0 1 2; do
+    local down=0 i
+    set_nodes 0
+    for i in "${!nodes[@]}"; do
         if node_running "$i"; then
             echo "${nodes[$i]}: running on 127.0.0.1:$(node_port "$i")"
         else
@@ -194,5 +212,5 @@ case "$command" in
     start) start "$@" ;;
     stop) stop ;;
     status) status ;;
-    *) fail "usage: scripts/citus.sh start [--tarball PATH] | stop | status" ;;
+    *) fail "usage: scripts/citus.sh start [--workers N] [--tarball PATH] | stop | status" ;;
 esac
