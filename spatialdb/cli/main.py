@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: exit 0 on success, 1 with one `spatialdb: error: ...` line on user errors."""
     from sqlalchemy.exc import OperationalError
 
-    from spatialdb.store.db import first_line, hide_lost_connection_reports, lost_connection
+    from spatialdb.store.db import first_line, hide_lost_connection_reports, lost_database
 
     hide_lost_connection_reports()
     try:
@@ -92,21 +92,21 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         click.echo(f"spatialdb: error: {exc}", err=True)
         return 1
-    except OperationalError as exc:
-        click.echo(f"spatialdb: error: database: {first_line(exc.orig or exc)}", err=True)
-        return 1
     except KeyboardInterrupt:
         click.echo("spatialdb: interrupted", err=True)
         return 130
     except Exception as exc:
-        lost = lost_connection(exc)
-        if lost is None:
+        lost = lost_database(exc)
+        if lost is not None:
+            click.echo(
+                f"spatialdb: error: {lost}; "
+                "nothing of this command's unfinished work was stored: run it again",
+                err=True,
+            )
+            return 1
+        if not isinstance(exc, OperationalError):
             raise
-        click.echo(
-            f"spatialdb: error: the database connection was lost ({first_line(lost)}); "
-            "nothing of this command's unfinished work was stored: run it again",
-            err=True,
-        )
+        click.echo(f"spatialdb: error: database: {first_line(exc.orig or exc)}", err=True)
         return 1
     return result if isinstance(result, int) else 0
 

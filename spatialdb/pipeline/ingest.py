@@ -20,7 +20,7 @@ import numpy as np
 from spatialdb.errors import UserError
 from spatialdb.pipeline.slides import open_reader, slide_record
 from spatialdb.store.catalog import ModelRecord, find_ingested, fingerprint
-from spatialdb.store.db import first_line, lost_connection
+from spatialdb.store.db import first_line, lost_database
 
 TASK_TABLES = {"Nuclei": "nucleus", "Gland": "gland", "Lumen": "lumen", "Tissue": "tissue_region"}
 #: Objects buffered per table before they are handed to the loader.
@@ -57,12 +57,9 @@ def ingest_one(engine, path: Path, model, **options) -> Outcome:
 
 def failure(path: Path, exc: Exception, work: str = "ingest") -> str:
     """One line on a slide whose `work` (ingest, compression) raised `exc` before it committed."""
-    lost = lost_connection(exc)
+    lost = lost_database(exc)
     if lost is not None:
-        return (
-            f"{path}: the database connection was lost ({first_line(lost)}); nothing of this "
-            f"{work} was stored: run it again"
-        )
+        return f"{path}: {lost}; nothing of this {work} was stored: run it again"
     return f"{path}: {type(exc).__name__}: {first_line(exc)}"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 from pathlib import Path
@@ -124,14 +125,59 @@ def lost_connection(exc: BaseException) -> BaseException | None:
     the socket close), a connection exception (08...) or a server shutdown (57P...)."""
     import psycopg2
 
-    seen = exc
-    while seen is not None:
+    for seen in _chain(exc):
         if isinstance(seen, psycopg2.Error) and (
             seen.pgcode is None or seen.pgcode.startswith(("08", "57P"))
         ):
             return seen
-        seen = getattr(seen, "orig", None) or seen.__cause__ or seen.__context__
     return None
+
+
+# How a Citus coordinator reports a worker it lost: the worker's address, and a connection failure.
+_WORKER = re.compile(
+    r"connection to the remote node (?:\S+@)?(?P<a>[^\s:]+:\d+) failed|"
+    r"while executing command on (?P<b>[^\s:]+:\d+)"
+)
+_LOST_LINK = re.compile(
+    r"SSL SYSCALL error|EOF detected|server closed the connection|connection not open|"
+    r"could not connect|failed with the following error|terminating connection|invalid socket"
+)
+
+
+def lost_worker(exc: BaseException) -> tuple[str, BaseException] | None:
+    """(host:port, the error) where `exc`'s chain says a Citus coordinator lost its connection to
+    a worker (the worker stopped or unreachable), if it does. A worker's own SQL error (a
+    constraint, say) is not one."""
+    import psycopg2
+
+    for seen in _chain(exc):
+        if not isinstance(seen, psycopg2.Error):
+            continue
+        context = getattr(seen.diag, "context", None) or ""
+        found = _WORKER.search(f"{seen}\n{context}")
+        if found and _LOST_LINK.search(str(seen)):
+            return found["a"] or found["b"], seen
+    return None
+
+
+def lost_database(exc: BaseException) -> str | None:
+    """What was lost, for an error line, where `exc`'s chain says a connection went away: the
+    connection to a Citus worker or the database connection itself."""
+    worker = lost_worker(exc)
+    if worker is not None:
+        return f"the connection to Citus worker {worker[0]} was lost ({first_line(worker[1])})"
+    lost = lost_connection(exc)
+    if lost is not None:
+        return f"the database connection was lost ({first_line(lost)})"
+    return None
+
+
+def _chain(exc: BaseException):
+    """`exc`, what it wraps (`orig`) or was raised from, and so on."""
+    seen = exc
+    while seen is not None:
+        yield seen
+        seen = getattr(seen, "orig", None) or seen.__cause__ or seen.__context__
 
 
 def hide_lost_connection_reports() -> None:
@@ -149,15 +195,15 @@ def hide_lost_connection_reports() -> None:
     shown_by = (sys.excepthook, threading.excepthook, sys.unraisablehook)
 
     def excepthook(kind, value, traceback):
-        if lost_connection(value) is None:
+        if lost_database(value) is None:
             shown_by[0](kind, value, traceback)
 
     def thread_excepthook(args):
-        if lost_connection(args.exc_value) is None:
+        if lost_database(args.exc_value) is None:
             shown_by[1](args)
 
     def unraisablehook(unraisable):
-        if lost_connection(unraisable.exc_value) is None:
+        if lost_database(unraisable.exc_value) is None:
             shown_by[2](unraisable)
 
     excepthook.hides_lost_connections = True
