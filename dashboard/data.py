@@ -14,7 +14,7 @@ from sqlalchemy import Engine, event, text
 from sqlalchemy.exc import DBAPIError
 
 from spatialdb.interop.qupath_geojson import default_colour
-from spatialdb.store.db import make_engine
+from spatialdb.store.db import lost_database, make_engine
 
 READER_ROLE = "spatialdb_reader"
 TABLES = ("nucleus", "gland", "lumen", "tissue_region")
@@ -100,7 +100,7 @@ class Reader:
                 conn.execute(text("SELECT 1"))
         except DBAPIError as exc:
             self.engine.dispose()
-            raise Unavailable(_first_line(exc)) from None
+            raise _unavailable(exc) from None
 
     @classmethod
     def from_url(cls, url: str | None) -> Reader:
@@ -129,8 +129,8 @@ class Reader:
         try:
             with self.engine.connect() as conn:
                 return pd.read_sql(text(query), conn, params=params)
-        except DBAPIError as exc:
-            raise Unavailable(_first_line(exc)) from None
+        except (DBAPIError, pd.errors.DatabaseError) as exc:
+            raise _unavailable(exc) from None
 
     def cohort(self) -> pd.DataFrame:
         return self.frame(COHORT)
@@ -179,10 +179,8 @@ class Reader:
                     rows = cur.fetchall()
             finally:
                 raw.close()
-        except DBAPIError as exc:
-            raise Unavailable(_first_line(exc)) from None
-        except Exception as exc:  # psycopg2 errors outside SQLAlchemy's wrapping
-            raise Unavailable(_first_line(exc)) from None
+        except Exception as exc:  # psycopg2 errors too: the cursor is not SQLAlchemy's
+            raise _unavailable(exc) from None
         return [r[0] for r in rows], [bytes(r[1]) for r in rows]
 
     def centroid_grid(
@@ -209,6 +207,14 @@ class Reader:
 
 def _box(box: Box) -> dict:
     return {"x0": box.x0, "y0": box.y0, "x1": box.x1, "y1": box.y1}
+
+
+def _unavailable(exc: BaseException) -> Unavailable:
+    """One line for a failed read: which connection was lost (a Citus worker's or the database's),
+    else the database's message."""
+    if isinstance(exc, pd.errors.DatabaseError) and exc.__cause__ is not None:
+        exc = exc.__cause__  # pandas wraps SQLAlchemy's error
+    return Unavailable(lost_database(exc) or _first_line(exc))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import text
 
 from benchmarks.synthetic import gland_slide, load_slide
-from dashboard.data import Box, Reader
+from dashboard.data import Box, Reader, Unavailable
 from spatialdb.features.refresh import refresh
 from spatialdb.store.db import connect
 from spatialdb.store.schema import OBJECT_TABLES
@@ -125,6 +125,7 @@ def test_a_worker_stopped_here_gives_one_line_and_leaves_nothing(citus, tmp_path
         assert reference_rows(citus.engine) == catalogue  # nothing new, the worker still down
     finally:
         citus.cluster.start()
+        citus.engine.dispose()  # its sessions held connections to the stopped worker
     assert database_state(citus.engine, places) == before
     assert_consistent(citus.engine, int(places["small"]))
     retry = spatialdb(citus.env, *args)
@@ -154,6 +155,55 @@ def dashboard_answers(reader: Reader, slides: list[int]) -> tuple:
             len(reader.gland_features([slide])),
         ]
     return tuple(answers)
+
+
+def concurrent_answers(reader: Reader, slides: list[int], threads: int = 3) -> list:
+    """The dashboard's answers (or the error raised) in `threads` sessions at once."""
+    results: list = [None] * threads
+
+    def read(i: int) -> None:
+        try:
+            results[i] = dashboard_answers(reader, slides)
+        except Exception as exc:
+            results[i] = exc
+
+    running = [threading.Thread(target=read, args=(i,)) for i in range(threads)]
+    for thread in running:
+        thread.start()
+    for thread in running:
+        thread.join(120)
+    return results
+
+
+def test_the_dashboard_reads_on_across_a_worker_restart(citus):
+    """Pooled coordinator sessions keep connections to the workers; after a worker restarts those
+    are dead. Every dashboard read after the restart must still answer, and one while the worker
+    is down must name it."""
+    slides = [int(citus.places["small"]), int(citus.places["slide"])]
+    worker = worker_of(citus.engine, slides[1])
+    reader = Reader(citus.url)
+    try:
+        expected = dashboard_answers(reader, slides)
+        assert concurrent_answers(reader, slides) == [expected] * 3  # three pooled sessions
+
+        citus.cluster.stop_worker(worker, "immediate")
+        citus.cluster.start()
+        assert concurrent_answers(reader, slides) == [expected] * 3
+
+        citus.cluster.stop_worker(worker, "immediate")
+        try:
+            with pytest.raises(Unavailable) as down:
+                dashboard_answers(reader, slides)
+        finally:
+            citus.cluster.start()
+        port = citus.cluster.worker_port(worker)
+        assert re.fullmatch(
+            rf"the connection to Citus worker 127\.0\.0\.1:{port} was lost \(.+\)", str(down.value)
+        ), down.value
+        assert dashboard_answers(reader, slides) == expected
+    finally:
+        reader.engine.dispose()
+        citus.engine.dispose()
 
 
 @pytest.mark.timeout(900)
