@@ -83,20 +83,28 @@ def evaluate(
     return {"layout": layout, "images": rows, "summary": {**_summary(layout, rows), **extra}}
 
 
-def _predict(net, info, image: np.ndarray, scale: float, tasks, device):
-    """Instance maps at the image's own size, and per task with a type head {label: type name}."""
+def predicted_maps(net, info, image: np.ndarray, scale: float, tasks, device) -> dict:
+    """The heads' probabilities at the network's resolution, untrained classes at zero."""
     resampled = datasets.resample_image(image, scale)
-    maps = without_untrained(predict_image(net, resampled, tasks, device), info)
-    found = instances(maps, info.postprocess, info.mpp)
+    return without_untrained(predict_image(net, resampled, tasks, device), info)
+
+
+def found_instances(maps: dict, info, shape: tuple[int, int], settings: dict | None = None):
+    """Instance maps at the image's own size (`shape`), from the maps with the weights'
+    post-processing or `settings`; and per task with a type head {label: type name}."""
+    found = instances(maps, info.postprocess if settings is None else settings, info.mpp)
     types = {}
     if "Nuclei-TYPE" in maps and "Nuclei" in found:
         names = info.classes["Nuclei#TYPE"]
         voted = majority_types(found["Nuclei"], type_map(maps["Nuclei-TYPE"]), len(names))
         types["Nuclei"] = {label: names[kind] for label, (kind, _) in voted.items()}
-    labels = {
-        task: datasets.resample_labels(labels, image.shape[:2]) for task, labels in found.items()
-    }
+    labels = {task: datasets.resample_labels(labels, shape) for task, labels in found.items()}
     return labels, types
+
+
+def _predict(net, info, image: np.ndarray, scale: float, tasks, device):
+    maps = predicted_maps(net, info, image, scale, tasks, device)
+    return found_instances(maps, info, image.shape[:2])
 
 
 def truth_pieces(labels: np.ndarray) -> np.ndarray:
@@ -152,22 +160,35 @@ def _evaluate_glas(folder, net, info, names, mpp, device, progress):
     return rows, {}
 
 
+def nucleus_images(folder: Path, layout: str, names: set[str] | None, mpp: float | None):
+    """(name, image, true instances, true type map or None, the image's µm/px) of each image of a
+    MoNuSeg or CoNSeP folder; with `names`, only those (CoNSeP: the patches of those images)."""
+    if layout == "monuseg":
+        for name, image_path, xml_path in datasets.monuseg_pairs(folder):
+            if names is not None and name not in names:
+                continue
+            outlines, own_mpp = datasets.read_monuseg_outlines(xml_path)
+            image = np.asarray(Image.open(image_path).convert("RGB"))
+            true = datasets.rasterise(outlines, image.shape[:2], 1.0)
+            yield name, image, true, None, mpp or own_mpp or datasets.MONUSEG_MPP
+        return
+    for name, image_path, inst_path, types_path in datasets.consep_patches(folder):
+        if names is not None and datasets.consep_image_of(name) not in names:
+            continue
+        image, true, true_types = datasets.read_consep_patch(image_path, inst_path, types_path)
+        yield name, image, true, true_types, mpp or datasets.CONSEP_MPP
+
+
 def _evaluate_monuseg(folder, net, info, names, mpp, device, progress):
     rows = []
-    for name, image_path, xml_path in datasets.monuseg_pairs(folder):
-        if names is not None and name not in names:
-            continue
+    for name, image, true, _, tile_mpp in nucleus_images(folder, "monuseg", names, mpp):
         progress(name)
-        outlines, own_mpp = datasets.read_monuseg_outlines(xml_path)
-        tile_mpp = mpp or own_mpp or datasets.MONUSEG_MPP
-        image = np.asarray(Image.open(image_path).convert("RGB"))
-        true = datasets.rasterise(outlines, image.shape[:2], 1.0)
         pred = _predict(net, info, image, tile_mpp / info.mpp, ("Nuclei",), device)[0]["Nuclei"]
-        rows.append({"name": name, **_nucleus_figures(true, pred)})
+        rows.append({"name": name, **nucleus_figures(true, pred)})
     return rows, {}
 
 
-def _nucleus_figures(true: np.ndarray, pred: np.ndarray) -> dict:
+def nucleus_figures(true: np.ndarray, pred: np.ndarray) -> dict:
     pq = metrics.panoptic_quality(true, pred)
     return {
         "nuclei": int(len(np.unique(true)) - 1),
@@ -188,14 +209,11 @@ def _evaluate_consep(folder, net, info, names, mpp, device, progress):
     tasks = ("Nuclei", "Nuclei#TYPE") if typed else ("Nuclei",)
     detections = metrics.TypedDetections()
     rows = []
-    for name, image_path, inst_path, types_path in datasets.consep_patches(folder):
-        if names is not None and datasets.consep_image_of(name) not in names:
-            continue
+    for name, image, true, true_type_map, _ in nucleus_images(folder, "consep", names, mpp):
         progress(name)
-        image, true, true_type_map = datasets.read_consep_patch(image_path, inst_path, types_path)
         found, types = _predict(net, info, image, patch_mpp / info.mpp, tasks, device)
         pred = found["Nuclei"]
-        rows.append({"name": name, **_nucleus_figures(true, pred)})
+        rows.append({"name": name, **nucleus_figures(true, pred)})
         true_ids, true_xy = metrics.centroids(true)
         pred_ids, pred_xy = metrics.centroids(pred)
         pairs = metrics.pair_centroids(true_xy, pred_xy, radius)
