@@ -83,6 +83,7 @@ def measure(url: str | None, small, big, slides: int, tag: str) -> dict:
     with engine.connect() as conn:
         citus = conn.execute(text(HAS_CITUS)).scalar()
     nuclei = len(small.tables["nucleus"][0])
+    print(f"{tag}: loading and measuring", file=sys.stderr, flush=True)
     loads, ids = [], []
     for i in range(slides):
         started = time.perf_counter()
@@ -96,7 +97,7 @@ def measure(url: str | None, small, big, slides: int, tag: str) -> dict:
         relations = conn.execute(text("SELECT count(*) FROM pg_class")).scalar()
         size = conn.execute(text("SELECT pg_database_size(current_database())")).scalar()
         shards, worker_rels = conn.execute(text(CITUS_CATALOGUE)).one() if citus else (0, 0)
-        size += conn.execute(text(WORKERS_SIZE)).scalar() if citus else 0
+        size += int(conn.execute(text(WORKERS_SIZE)).scalar()) if citus else 0
     figures = {
         "load, nuclei/s": total / (sum(loads) + big_load),
         "slide view ms": view_ms(engine, ids[-1]),

@@ -14,6 +14,7 @@ from sqlalchemy import text
 
 from spatialdb.features.refresh import refresh
 from spatialdb.scale.citus import SCRIPT, distribute
+from spatialdb.store import loader
 from spatialdb.store.catalog import delete_slide
 from spatialdb.store.db import connect
 from spatialdb.store.loader import RunWriter
@@ -125,4 +126,37 @@ def test_runs_load_in_place_replace_and_get_features_on_citus(citus_url, cli_env
         for result in loaded:
             if scalar("SELECT count(*) FROM slide WHERE id = :s", s=result.slide_id):
                 delete_slide(engine, result.slide_id)
+        engine.dispose()
+
+
+SHARD_ANALYZED = """
+SELECT result FROM run_command_on_shards(:table,
+    $$SELECT coalesce(last_analyze::text, 'never') FROM pg_stat_user_tables
+      WHERE relid = '%s'::regclass$$)
+WHERE shardid = get_shard_id_for_distribution_column(:table, :slide)
+"""
+
+
+def test_a_large_in_place_load_analyzes_the_tables_it_grew(citus_url, cli_env, monkeypatch):
+    """Planned on statistics from before a large slide, the refresh after its load took minutes:
+    a load of at least ANALYZE_IN_PLACE_FROM objects into a table analyzes it; smaller ones not."""
+    result = spatialdb("--db-url", citus_url, "db", "upgrade", "--citus", env=cli_env)
+    assert result.returncode == 0, result.stderr
+    monkeypatch.setattr(loader, "ANALYZE_IN_PLACE_FROM", 300)
+    engine = connect(citus_url)
+
+    def analyzed(table: str, slide_id: int) -> str:
+        with engine.connect() as conn:
+            return conn.execute(text(SHARD_ANALYZED), {"table": table, "slide": slide_id}).scalar()
+
+    try:
+        with RunWriter(engine, make_slide("citus-analyze")) as run:
+            before = {t: analyzed(t, run.slide_id) for t in ("nucleus", "gland")}
+            run.add("nucleus", blobs(400, seed=5), "epithelial")
+            run.add("gland", [shapely.box(0, 0, 5_000, 5_000)], "gland")
+            done = run.commit()
+        assert analyzed("nucleus", done.slide_id) != before["nucleus"]
+        assert analyzed("gland", done.slide_id) == before["gland"]
+    finally:
+        delete_slide(engine, run.slide_id)
         engine.dispose()
