@@ -11,8 +11,9 @@ one, never a mix. A one-lane load attaches its single leaf as the slide's partit
 Where the object tables are not partitioned (a Citus coordinator after `db upgrade --citus`:
 spatialdb/sql/citus.sql), a load takes one lane and writes in place: its transaction deletes the
 slide's objects, copies the new ones into the tables themselves and, at commit, writes the slide
-and run rows; readers see the old run or the new one, as above. A table that the load gave many
-objects is then ANALYZEd (`ANALYZE_IN_PLACE_FROM`), so the refresh that follows is planned on it.
+and run rows; readers see the old run or the new one, as above. A load of many objects then
+ANALYZEs the tables it wrote (`ANALYZE_IN_PLACE_FROM`), so the refresh that follows is planned on
+them.
 
 Lane 0's leaves live inside the coordinating transaction. The other lanes' leaves are committed
 just before the swap; if the process dies in that window they are orphans no reader can see
@@ -73,10 +74,10 @@ LOADER_LOCK = 72_617_002
 #: Advisory-lock classes: on a slide file's path while it loads, and on 0 while a run is swapped in.
 SLIDE_LOCK = 72_617_003
 SWAP_LOCK = 72_617_004
-#: In place (Citus), a table given at least this many objects by a load is ANALYZEd after the
-#: commit: planned on statistics from before a 1,000,000-nucleus slide, the feature refresh that
-#: follows a load ran for minutes instead of 2 s (benchmarks/citus.py). Smaller loads leave it to
-#: autovacuum, as ANALYZE on Citus samples every shard of the table.
+#: In place (Citus), a load of at least this many objects ANALYZEs every table it wrote, after the
+#: commit: planned on statistics from before a 1,000,000-nucleus slide (its glands' included), the
+#: feature refresh that follows the load ran for minutes instead of 2 s (benchmarks/citus.py).
+#: Smaller loads leave it to autovacuum, as ANALYZE on Citus samples every shard of a table.
 ANALYZE_IN_PLACE_FROM = 50_000
 #: A table's columns as DDL, from the catalog (which, unlike LIKE, locks nothing).
 COLUMNS_DDL = """
@@ -407,10 +408,10 @@ class RunWriter:
         )
         self._conns[0].commit()
         self._committed = True
-        if self._in_place:
-            for table, classes in self.counts.items():
-                if sum(classes.values()) >= ANALYZE_IN_PLACE_FROM:
-                    cur.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(table)))
+        written = [table for table, classes in self.counts.items() if classes.total()]
+        if self._in_place and sum(self.counts[t].total() for t in written) >= ANALYZE_IN_PLACE_FROM:
+            for table in written:
+                cur.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(table)))
             self._conns[0].commit()
         return RunResult(
             self.slide_id, self.run_id, counts, self.repaired, self.dropped, all_timings

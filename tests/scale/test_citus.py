@@ -137,26 +137,36 @@ WHERE shardid = get_shard_id_for_distribution_column(:table, :slide)
 """
 
 
-def test_a_large_in_place_load_analyzes_the_tables_it_grew(citus_url, cli_env, monkeypatch):
+def test_a_large_in_place_load_analyzes_the_tables_it_wrote(citus_url, cli_env, monkeypatch):
     """Planned on statistics from before a large slide, the refresh after its load took minutes:
-    a load of at least ANALYZE_IN_PLACE_FROM objects into a table analyzes it; smaller ones not."""
+    a load of at least ANALYZE_IN_PLACE_FROM objects analyzes every table it wrote; a smaller one
+    none."""
     result = spatialdb("--db-url", citus_url, "db", "upgrade", "--citus", env=cli_env)
     assert result.returncode == 0, result.stderr
     monkeypatch.setattr(loader, "ANALYZE_IN_PLACE_FROM", 300)
     engine = connect(citus_url)
 
-    def analyzed(table: str, slide_id: int) -> str:
+    def analyzed(slide_id: int) -> dict[str, str]:
         with engine.connect() as conn:
-            return conn.execute(text(SHARD_ANALYZED), {"table": table, "slide": slide_id}).scalar()
+            return {
+                table: conn.execute(
+                    text(SHARD_ANALYZED), {"table": table, "slide": slide_id}
+                ).scalar()
+                for table in ("nucleus", "gland", "lumen")
+            }
 
+    loaded = []
     try:
-        with RunWriter(engine, make_slide("citus-analyze")) as run:
-            before = {t: analyzed(t, run.slide_id) for t in ("nucleus", "gland")}
-            run.add("nucleus", blobs(400, seed=5), "epithelial")
-            run.add("gland", [shapely.box(0, 0, 5_000, 5_000)], "gland")
-            done = run.commit()
-        assert analyzed("nucleus", done.slide_id) != before["nucleus"]
-        assert analyzed("gland", done.slide_id) == before["gland"]
+        for nuclei in (100, 400):
+            with RunWriter(engine, make_slide(f"citus-analyze-{nuclei}")) as run:
+                before = analyzed(run.slide_id)
+                run.add("nucleus", blobs(nuclei, seed=5), "epithelial")
+                run.add("gland", [shapely.box(0, 0, 5_000, 5_000)], "gland")
+                loaded.append(run.commit())
+            after = analyzed(run.slide_id)
+            changed = {table for table in after if after[table] != before[table]}
+            assert changed == (set() if nuclei < 300 else {"nucleus", "gland"}), (before, after)
     finally:
-        delete_slide(engine, run.slide_id)
+        for done in loaded:
+            delete_slide(engine, done.slide_id)
         engine.dispose()
