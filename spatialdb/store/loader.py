@@ -408,9 +408,8 @@ class RunWriter:
         )
         self._conns[0].commit()
         self._committed = True
-        written = [table for table, classes in self.counts.items() if classes.total()]
-        if self._in_place and sum(self.counts[t].total() for t in written) >= ANALYZE_IN_PLACE_FROM:
-            for table in written:
+        if self._in_place and sum(c.total() for c in self.counts.values()) >= ANALYZE_IN_PLACE_FROM:
+            for table in (t for t, classes in self.counts.items() if classes.total()):
                 cur.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(table)))
             self._conns[0].commit()
         return RunResult(
