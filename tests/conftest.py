@@ -23,6 +23,13 @@ from spatialdb.store.embedded import EmbeddedCluster
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def pytest_configure(config):
+    """The vendored headless QuPath for paquo, unless PAQUO_QUPATH_DIR names one already."""
+    from tests.qupath import install
+
+    install(Path(tempfile.mkdtemp(prefix="spatialdb-qupath-")))
+
+
 @pytest.fixture(scope="session")
 def db_url():
     url = os.environ.get("SPATIALDB_TEST_URL")

@@ -39,7 +39,7 @@ def export_qupath(obj: dict, out_dir: Path, slides, objects: str) -> None:
     if result.project:
         click.echo(f"QuPath project -> {result.project}")
     else:
-        click.echo(f"spatialdb: note: no QuPath project written: {result.qupath_missing}", err=True)
+        click.echo(f"spatialdb: note: no QuPath project written: {result.no_project}", err=True)
 
 
 @click.command("import-qupath")

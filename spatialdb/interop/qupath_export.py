@@ -39,7 +39,7 @@ class QuPathExport:
     classes: int = 0
     script: Path | None = None
     project: Path | None = None
-    qupath_missing: str | None = None
+    no_project: str | None = None  # why no QuPath project was written
 
 
 def object_tables(objects: str) -> list[str]:
@@ -81,15 +81,19 @@ def export_slides(
         (staging / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
         (staging / SCRIPT_NAME).write_text(import_script(out_dir))
         result.classes, result.script = len(classes), out_dir / SCRIPT_NAME
-        result.qupath_missing = qupath_missing()
-        if result.qupath_missing is None:
-            write_project(
-                staging / "project",
-                slides,
-                colours,
-                lambda s: stream_features(raw, s["id"], tables, colours),
-            )
-            result.project = out_dir / "project" / "project.qpproj"
+        result.no_project = qupath_missing()
+        if result.no_project is None:
+            try:
+                write_project(
+                    staging / "project",
+                    slides,
+                    colours,
+                    lambda s: stream_features(raw, s["id"], tables, colours),
+                )
+                result.project = out_dir / "project" / "project.qpproj"
+            except UserError as exc:  # an image QuPath cannot open: the GeoJSON still goes out
+                shutil.rmtree(staging / "project", ignore_errors=True)
+                result.no_project = str(exc)
         _move_into(staging, out_dir)
     finally:
         rollback_or_discard(raw)

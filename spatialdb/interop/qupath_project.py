@@ -18,7 +18,7 @@ def qupath_missing() -> str | None:
     """None when paquo can start QuPath; otherwise the reason, in one line."""
     try:
         import paquo.projects  # noqa: F401  (starts the JVM with QuPath's classes)
-    except ValueError as exc:  # paquo: "no valid qupath installation found"
+    except (ValueError, FileNotFoundError) as exc:  # paquo: none found, or not a QuPath there
         return f"QuPath is not installed ({exc}); set PAQUO_QUPATH_DIR to a QuPath installation"
     except Exception as exc:  # a broken installation: JVM or jar errors
         return f"QuPath could not be started through paquo ({type(exc).__name__}: {exc})"
