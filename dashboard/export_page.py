@@ -37,5 +37,5 @@ def render(db: Reader, cohort: pd.DataFrame) -> None:
     if result.project:
         lines.append(f"- QuPath project → `{result.project}`")
     st.success("Written:\n" + "\n".join(lines))
-    if result.qupath_missing:
-        st.caption(f"No QuPath project: {result.qupath_missing}")
+    if result.no_project:
+        st.caption(f"No QuPath project: {result.no_project}")

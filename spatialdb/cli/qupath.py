@@ -44,17 +44,27 @@ def export_qupath(obj: dict, out_dir: Path, slides, objects: str) -> None:
 
 @click.command("import-qupath")
 @click.argument("source", type=click.Path(path_type=Path))
-@click.option("--slide", "slide_ref", required=True, help="The slide (id, name or path).")
+@click.option(
+    "--slide",
+    "slide_ref",
+    help="The slide (id, name or path); needed for a GeoJSON file. For a project, default: "
+    "every image that matches a stored slide by file path, file name or name.",
+)
 @click.pass_obj
-def import_qupath(obj: dict, source: Path, slide_ref: str) -> None:
+def import_qupath(obj: dict, source: Path, slide_ref: str | None) -> None:
     """Store QuPath objects (a QuPath GeoJSON file, plain or gzipped, or a QuPath project) as a
-    new curated run of SLIDE, keeping their UUIDs, classes and colours, and recompute its
+    new curated run per slide, keeping their UUIDs, classes and colours, and recompute its
     features."""
     engine = connect(obj["db_url"])
-    imported = import_curated(engine, source, slide_ref)
-    run = imported.run
-    stored = ", ".join(f"{t} {run.total(t):,}" for t in OBJECT_TABLES if run.total(t))
-    click.echo(
-        f"{source.name}: curated run {run.run_id} of slide {run.slide_id} "
-        f"({imported.slide.name}): {stored or 'no objects'}{fit_note(imported.fitted)}"
-    )
+    imported, unmatched = import_curated(engine, source, slide_ref)
+    for one in imported:
+        run = one.run
+        stored = ", ".join(f"{t} {run.total(t):,}" for t in OBJECT_TABLES if run.total(t))
+        click.echo(
+            f"{source.name}: curated run {run.run_id} of slide {run.slide_id} "
+            f"({one.slide.name}): {stored or 'no objects'}{fit_note(one.fitted)}"
+        )
+    if unmatched:
+        click.echo(
+            f"spatialdb: note: not imported, no stored slide: {', '.join(unmatched)}", err=True
+        )

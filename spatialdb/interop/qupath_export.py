@@ -1,8 +1,9 @@
 """Writing slides for QuPath into a folder, all or nothing (used by the CLI and the dashboard).
 
 OUT_DIR receives `NAME.geojson.gz` per slide (QuPath GeoJSON, see `qupath_geojson`),
-`classes.json`, `import_spatialdb.groovy`, and `project/` when QuPath is installed. Everything
-is written into a staging folder inside OUT_DIR first and moved into place at the end.
+`classes.json`, `import_spatialdb.groovy`, and `project/` (a QuPath project) when QuPath is
+installed. Everything is written into a staging folder inside OUT_DIR first and moved into
+place at the end.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from spatialdb.store.db import rollback_or_discard
 
 SCRIPT_NAME = "import_spatialdb.groovy"
 SLIDES = """
-SELECT id, name, file_path FROM slide
+SELECT id, name, file_path, mpp_x FROM slide
 WHERE current_run_id IS NOT NULL AND (CAST(:ids AS integer[]) IS NULL OR id = ANY(:ids))
 ORDER BY id
 """
@@ -57,8 +58,14 @@ def object_tables(objects: str) -> list[str]:
 def export_slides(
     engine: Engine, out_dir: Path, slide_ids: list[int] | None, tables: list[str]
 ) -> QuPathExport:
-    """Export the slides (None: every slide with objects) into `out_dir`."""
-    from spatialdb.interop.qupath_project import qupath_missing, write_project
+    """Export the slides (None: every slide with objects) into `out_dir`. The QuPath project
+    is written by a child process (`qupath_project`) while the GeoJSON files are written here."""
+    from spatialdb.interop.qupath_project import (
+        ProjectImage,
+        outcome,
+        qupath_process,
+        write_project,
+    )
 
     with engine.connect() as conn:
         ids = list(dict.fromkeys(slide_ids)) if slide_ids else None
@@ -72,26 +79,25 @@ def export_slides(
     try:
         with raw.cursor() as cur:
             colours = class_colours(cur, [s["id"] for s in slides], tables)
-        for slide in slides:
-            name = _file_name(slide, slides)
-            batches = stream_features(raw, slide["id"], tables, colours)
-            count = write_feature_collection(staging / name, batches)
-            result.files.append((slide, out_dir / name, count))
-        classes = [{"name": n, "color": c} for n, c in colours.items()]
-        (staging / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
-        (staging / SCRIPT_NAME).write_text(import_script(out_dir))
-        result.classes, result.script = len(classes), out_dir / SCRIPT_NAME
-        result.no_project = qupath_missing()
-        if result.no_project is None:
+        images = [ProjectImage(s["id"], s["file_path"], s["mpp_x"]) for s in slides]
+        url = engine.url.render_as_string(hide_password=False)
+        with qupath_process() as qupath:
+            project = qupath.submit(
+                write_project, staging / "project", url, images, tables, colours
+            )
+            for slide in slides:
+                name = _file_name(slide, slides)
+                batches = stream_features(raw, slide["id"], tables, colours)
+                count = write_feature_collection(staging / name, batches)
+                result.files.append((slide, out_dir / name, count))
+            classes = [{"name": n, "color": c} for n, c in colours.items()]
+            (staging / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
+            (staging / SCRIPT_NAME).write_text(import_script(out_dir))
+            result.classes, result.script = len(classes), out_dir / SCRIPT_NAME
             try:
-                write_project(
-                    staging / "project",
-                    slides,
-                    colours,
-                    lambda s: stream_features(raw, s["id"], tables, colours),
-                )
+                outcome(project)
                 result.project = out_dir / "project" / "project.qpproj"
-            except UserError as exc:  # an image QuPath cannot open: the GeoJSON still goes out
+            except UserError as exc:  # no QuPath, or an image it cannot open: GeoJSON still
                 shutil.rmtree(staging / "project", ignore_errors=True)
                 result.no_project = str(exc)
         _move_into(staging, out_dir)

@@ -106,14 +106,6 @@ def feature_query(table: str, slide_id: int, colours: dict[str, list[int]]) -> s
         sql.SQL("{}, {}").format(sql.Literal(name), sql.SQL(expr))
         for name, expr in MEASUREMENTS[table].items()
     )
-    features = (
-        sql.SQL(
-            " LEFT JOIN gland_feature f ON f.slide_id = o.slide_id AND f.gland_id = o.id "
-            "AND f.run_id = o.run_id"
-        )
-        if table == "gland"
-        else sql.SQL("")
-    )
     # The geometry's GeoJSON is spliced in as text: re-parsing it as json would cost more.
     return sql.SQL(
         """SELECT '{{"type":"Feature","id":"' || o.uuid || '","geometry":'
@@ -134,8 +126,32 @@ ORDER BY o.id"""
         colours=sql.Literal(json.dumps(colours)),
         measurements=measurements,
         table=sql.Identifier(table),
-        features=features,
+        features=_feature_join(table),
         slide=sql.Literal(slide_id),
+    )
+
+
+def object_query(table: str, slide_id: int) -> sql.Composed:
+    """One row per object of `table` on the slide, as QuPath objects are built from it: UUID,
+    class, WKB geometry, then the values of `MEASUREMENTS[table]` in order (NULL: not measured)."""
+    return sql.SQL(
+        "SELECT o.uuid::text, o.class, ST_AsBinary(o.geom), {measurements} "
+        "FROM {table} o{features} WHERE o.slide_id = {slide} ORDER BY o.id"
+    ).format(
+        measurements=sql.SQL(", ").join(map(sql.SQL, MEASUREMENTS[table].values())),
+        table=sql.Identifier(table),
+        features=_feature_join(table),
+        slide=sql.Literal(slide_id),
+    )
+
+
+def _feature_join(table: str) -> sql.Composable:
+    """The join that gives a gland's measurements from `gland_feature` (`f`)."""
+    if table != "gland":
+        return sql.SQL("")
+    return sql.SQL(
+        " LEFT JOIN gland_feature f ON f.slide_id = o.slide_id AND f.gland_id = o.id "
+        "AND f.run_id = o.run_id"
     )
 
 

@@ -5,6 +5,7 @@ current objects atomically, and its features are recomputed."""
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from spatialdb.store.catalog import (
 )
 from spatialdb.store.loader import RunResult
 
+ALL_SLIDES = "SELECT id, name, file_path FROM slide ORDER BY id"
 TISSUE_CLASSES_OF_SLIDE = """
 SELECT class FROM tissue_region WHERE slide_id = :id
 UNION
@@ -66,36 +68,117 @@ def import_results(
         raise UserError(f"{results}: expected a Cerberus .dat or a .geojson/.json file")
     fitted = fit_to_slide(results, parsed, width, height)
     slide = slide_record(slide_path, reader, fingerprint(slide_path))
-    run = _store(engine, slide, parsed, "import", results, kind, uuids=False)
+    run = _store_run(engine, slide, parsed, "import", results, kind, uuids=False)
     return Imported(slide, run, fitted)
 
 
-def import_curated(engine, source: Path, slide_ref: str) -> Imported:
-    """Store QuPath objects (a QuPath GeoJSON file, plain or gzipped, or a QuPath project) as a
-    new curated run of a stored slide, keeping their UUIDs, classes and colours."""
+def import_curated(engine, source: Path, slide_ref: str | None) -> tuple[list[Imported], list[str]]:
+    """Store QuPath objects as a new curated run per slide, keeping their UUIDs, classes and
+    colours: a QuPath GeoJSON file (plain or gzipped) for the slide `slide_ref`, or a QuPath
+    project — its image of `slide_ref`, or (None) every image mapped to its stored slide by
+    file path, file name or name. Everything is read and checked before anything is stored.
+    Returns the imports and the project's images that match no stored slide."""
     if not source.exists():
         raise UserError(f"{source}: no such file or project")
-    slide_id = find_slide(engine, slide_ref)["id"]
-    slide = stored_slide(engine, slide_id)
     if source.is_dir() or source.suffix == ".qpproj":
-        from spatialdb.interop.qupath_project import qupath_missing, read_project
+        return _import_project(engine, source, slide_ref)
+    if slide_ref is None:
+        raise UserError(f"{source}: a GeoJSON file needs --slide (the slide its objects are of)")
+    slide_id = find_slide(engine, slide_ref)["id"]
+    curated = _curated(engine, str(source), slide_id, read_features(source))
+    return [_store(engine, *curated, source, "qupath-geojson")], []
 
-        missing = qupath_missing()
-        if missing:
-            raise UserError(f"{source}: a QuPath project needs QuPath: {missing}")
-        features, kind = read_project(source, Path(slide.file_path).name), "qupath-project"
-    else:
-        features, kind = read_features(source), "qupath-geojson"
+
+def _import_project(engine, project: Path, slide_ref: str | None):
+    from spatialdb.interop.qupath_project import outcome, qupath_process, read_project
+
+    with tempfile.TemporaryDirectory(prefix="spatialdb-qupath-") as tmp:
+        with qupath_process() as qupath:
+            entries = outcome(qupath.submit(read_project, project, Path(tmp)))
+        if slide_ref is not None:
+            slide = find_slide(engine, slide_ref)
+            entry = next((e for e in entries if _matches(e, slide, entries)), None)
+            if entry is None:
+                names = ", ".join(e.name for e in entries) or "none"
+                raise UserError(
+                    f"{project}: no image of slide {slide['id']} ({slide['name']}) "
+                    f"(its images: {names})"
+                )
+            pairs, unmatched = [(entry, slide)], []
+        else:
+            pairs, unmatched = _map_images(engine, project, entries)
+        prepared = [
+            _curated(
+                engine,
+                f"{project} image {entry.name!r}",
+                slide["id"],
+                read_features(entry.objects),
+            )
+            for entry, slide in pairs
+        ]
+    return [_store(engine, *p, project, "qupath-project") for p in prepared], unmatched
+
+
+def _map_images(engine, project: Path, entries) -> tuple[list, list[str]]:
+    """(image, slide) for every project image that matches a stored slide, and the others."""
+    with engine.connect() as conn:
+        slides = [dict(r) for r in conn.execute(text(ALL_SLIDES)).mappings()]
+    pairs, unmatched, taken = [], [], {}
+    for entry in entries:
+        found = [s for s in slides if _matches(entry, s, entries)]
+        if len(found) > 1:
+            ids = ", ".join(str(s["id"]) for s in found)
+            raise UserError(f"{project}: image {entry.name!r} matches several slides (ids {ids})")
+        if not found:
+            unmatched.append(entry.name)
+            continue
+        slide = found[0]
+        if slide["id"] in taken:
+            raise UserError(
+                f"{project}: images {taken[slide['id']]!r} and {entry.name!r} are both of "
+                f"slide {slide['id']} ({slide['name']}); import one with --slide"
+            )
+        taken[slide["id"]] = entry.name
+        pairs.append((entry, slide))
+    if not pairs:
+        raise UserError(
+            f"{project}: none of its images ({', '.join(unmatched) or 'none'}) is a stored slide"
+        )
+    return pairs, unmatched
+
+
+def _matches(entry, slide: dict, entries) -> bool:
+    """Whether a project image is of the slide: the same file, else a file of the same name
+    (only one image has it), else the image's name is the slide's name."""
+    if entry.file_path:
+        if Path(entry.file_path).resolve() == Path(slide["file_path"]).resolve():
+            return True
+        name = Path(entry.file_path).name
+        same = [e for e in entries if e.file_path and Path(e.file_path).name == name]
+        if name == Path(slide["file_path"]).name and len(same) == 1:
+            return True
+    return slide["name"] in (entry.name, Path(entry.name).stem)
+
+
+def _curated(engine, source: str, slide_id: int, features: list):
+    """QuPath features checked and fitted to the slide: (slide, parsed, colours, fitted)."""
+    slide = stored_slide(engine, slide_id)
     with engine.connect() as conn:
         rows = conn.execute(text(TISSUE_CLASSES_OF_SLIDE), {"id": slide_id})
         tissue_classes = {r[0] for r in rows}
-    parsed, colours = parse_features(str(source), features, tissue_classes)
+    parsed, colours = parse_features(source, features, tissue_classes)
     fitted = fit_to_slide(source, parsed, slide.width, slide.height)
-    run = _store(engine, slide, parsed, "curated", source, kind, uuids=True, colours=colours)
+    return slide, parsed, colours, fitted
+
+
+def _store(engine, slide, parsed, colours, fitted, source, file_format) -> Imported:
+    """Curated objects as the slide's new run (keeping their UUIDs), then its features."""
+    run = _store_run(engine, slide, parsed, "curated", source, file_format, uuids=True,
+                     colours=colours)  # fmt: skip
     return Imported(slide, run, fitted)
 
 
-def _store(engine, slide, parsed, run_kind, source, file_format, *, uuids, colours=None):
+def _store_run(engine, slide, parsed, run_kind, source, file_format, *, uuids, colours=None):
     """The parsed objects as the slide's new run, then its features."""
     from spatialdb.store.loader import RunWriter
 
