@@ -7,7 +7,14 @@ Times and peak memory (VmHWM of a fresh process each) of
       `json.dump` it (same gzip level),
 alternating over --repeat runs (medians), and checks that both files hold the same objects.
 
+With --project, for each of --sizes nuclei (default 10,000, 100,000 and 1,000,000): (a) as above
+against (c) the whole `export-qupath` with QuPath: the GeoJSON file and a QuPath project holding
+the same objects, written by a child process at the same time; peak memory of (c) is the larger
+of the exporting process and the QuPath process. The project's image is the bundled sample
+(QuPath needs an image it can open; the objects' coordinates need not lie on it).
+
     python benchmarks/export.py [--repeat 3] [--nuclei 1000000]
+    python benchmarks/export.py --project [--repeat 1] [--sizes 10000,100000,1000000]
 
 Uses SPATIALDB_URL, or the embedded cluster in SPATIALDB_HOME.
 """
@@ -17,6 +24,8 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -45,6 +54,15 @@ def product(slide_id: int, out: Path) -> None:
     qupath.write_feature_collection(
         out, qupath.stream_features(raw, slide_id, ["nucleus"], colours)
     )
+
+
+def project(slide_id: int, out: Path) -> None:
+    from spatialdb.interop.qupath_export import export_slides
+
+    result = export_slides(connect(), out.parent / "project-export", [slide_id], ["nucleus"])
+    assert result.project, result.no_project
+    (_, _, count), written = result.files[0], result.project_objects[slide_id]
+    assert count == written, (count, written)
 
 
 def naive(slide_id: int, out: Path) -> None:
@@ -89,7 +107,7 @@ def child(mode: str, slide_id: int, out: Path) -> tuple[float, float]:
         text=True,
         check=True,
     )
-    seconds, peak = result.stdout.split()
+    seconds, peak = result.stdout.splitlines()[-1].split()
     return float(seconds), float(peak)
 
 
@@ -103,15 +121,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--nuclei", type=int, default=1_000_000)
-    parser.add_argument("--child", choices=("product", "naive"))
+    parser.add_argument("--project", action="store_true", help="the QuPath project mode")
+    parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--child", choices=("product", "naive", "project"))
     parser.add_argument("--slide-id", type=int)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.child:
         base = peak_rss_mib()
         started = time.perf_counter()
-        (product if args.child == "product" else naive)(args.slide_id, args.out)
-        print(time.perf_counter() - started, peak_rss_mib() - base)
+        {"product": product, "naive": naive, "project": project}[args.child](
+            args.slide_id, args.out
+        )
+        seconds = time.perf_counter() - started
+        children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        print(seconds, max(peak_rss_mib() - base, children))
+        return
+    if args.project:
+        project_mode(args)
         return
 
     from synthetic import gland_slide, load_slide
@@ -159,6 +186,54 @@ def main() -> None:
         "runs: "
         + ", ".join(f"{m}={[(round(s, 1), round(p)) for s, p in r]}" for m, r in results.items())
     )
+
+
+def project_mode(args) -> None:
+    """GeoJSON export against the whole export with a QuPath project, per size."""
+    from sqlalchemy import text
+    from synthetic import gland_slide, load_slide
+
+    from spatialdb.store.catalog import delete_slide
+
+    if not os.environ.get("PAQUO_QUPATH_DIR"):
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from tests.qupath import install
+
+        missing = install(Path(tempfile.mkdtemp(prefix="spatialdb-qupath-")))
+        assert missing is None, missing
+    sample = Path(__file__).resolve().parents[1] / "data" / "sample" / "CMU-1-Small-Region.svs"
+    engine = connect()
+    table = []
+    for size in [int(s) for s in args.sizes.split(",")]:
+        objects = gland_slide(glands=max(1, size // 100), lumina=1, nuclei=size)
+        objects.tables = {"nucleus": objects.tables["nucleus"]}
+        slide_id = load_slide(engine, f"project-benchmark-{size}", objects)
+        with engine.begin() as conn:
+            conn.execute(
+                text("UPDATE slide SET file_path = :p WHERE id = :s"),
+                {"p": str(sample), "s": slide_id},
+            )
+        runs = {"product": [], "project": []}
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                for _ in range(args.repeat):
+                    for mode in runs:
+                        out = Path(tmp) / mode / "product.geojson.gz"
+                        out.parent.mkdir(exist_ok=True)
+                        runs[mode].append(child(mode, slide_id, out))
+        finally:
+            delete_slide(engine, slide_id)
+        a_s, a_m = (statistics.median(r[k] for r in runs["product"]) for k in (0, 1))
+        c_s, c_m = (statistics.median(r[k] for r in runs["project"]) for k in (0, 1))
+        table.append((size, a_s, a_m, c_s, c_m))
+        print(f"{size:,}: runs {runs}", flush=True)
+    print(f"medians of {args.repeat} alternating run(s); peak MiB of the process tree")
+    print(
+        "| nuclei | (a) GeoJSON s | (a) peak MiB | (c) GeoJSON + project s | (c) peak MiB | c/a |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|")
+    for size, a_s, a_m, c_s, c_m in table:
+        print(f"| {size:,} | {a_s:.1f} | {a_m:.0f} | {c_s:.1f} | {c_m:.0f} | {c_s / a_s:.2f} |")
 
 
 if __name__ == "__main__":

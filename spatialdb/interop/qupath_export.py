@@ -40,6 +40,7 @@ class QuPathExport:
     classes: int = 0
     script: Path | None = None
     project: Path | None = None
+    project_objects: dict[int, int] = field(default_factory=dict)  # slide id -> objects
     no_project: str | None = None  # why no QuPath project was written
 
 
@@ -95,7 +96,7 @@ def export_slides(
             (staging / SCRIPT_NAME).write_text(import_script(out_dir))
             result.classes, result.script = len(classes), out_dir / SCRIPT_NAME
             try:
-                outcome(project)
+                result.project_objects = outcome(project)
                 result.project = out_dir / "project" / "project.qpproj"
             except UserError as exc:  # no QuPath, or an image it cannot open: GeoJSON still
                 shutil.rmtree(staging / "project", ignore_errors=True)

@@ -171,7 +171,7 @@ def write_feature_collection(path: Path, batches: Iterator[list[str]]) -> int:
     count = 0
     with gzip.open(path, "wt", encoding="utf-8", compresslevel=1) as out:
         out.write('{"type":"FeatureCollection","features":[\n')
-        for batch in _prefetched(batches):
+        for batch in prefetched(batches):
             if batch:
                 out.write((",\n" if count else "") + ",\n".join(batch))
                 count += len(batch)
@@ -179,7 +179,7 @@ def write_feature_collection(path: Path, batches: Iterator[list[str]]) -> int:
     return count
 
 
-def _prefetched(items: Iterator, depth: int = 4) -> Iterator:
+def prefetched(items: Iterator, depth: int = 4) -> Iterator:
     """The items of `items`, produced in a background thread at most `depth` ahead."""
     done = object()
     queue: Queue = Queue(maxsize=depth)

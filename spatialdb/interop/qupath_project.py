@@ -15,13 +15,20 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import struct
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
 from spatialdb.errors import UserError
-from spatialdb.interop.qupath_geojson import BATCH_ROWS, MEASUREMENTS, OBJECT_TYPES, object_query
+from spatialdb.interop.qupath_geojson import (
+    BATCH_ROWS,
+    MEASUREMENTS,
+    OBJECT_TYPES,
+    object_query,
+    prefetched,
+)
 
 
 @dataclass(frozen=True)
@@ -121,7 +128,10 @@ def _calibrate(entry, mpp: float) -> None:
 
 
 def _add_objects(hierarchy, engine, slide_id: int, table: str, classes: dict) -> int:
-    """Add the slide's objects of `table` to the hierarchy, a batch of rows at a time."""
+    """Add the slide's objects of `table` to the hierarchy, a batch of rows at a time (the next
+    batch fetched meanwhile). Each batch's geometries are read by JTS from one WKB
+    GeometryCollection: Java calls cost a few µs each, so the loop per object makes few."""
+    from jpype import JString
     from paquo.java import JClass
 
     tools = JClass("qupath.lib.roi.GeometryTools")
@@ -134,22 +144,24 @@ def _add_objects(hierarchy, engine, slide_id: int, table: str, classes: dict) ->
         if OBJECT_TYPES[table] == "detection"
         else objects.createAnnotationObject
     )
-    names = list(MEASUREMENTS[table])
+    names = [JString(name) for name in MEASUREMENTS[table]]
     count = 0
     raw = engine.raw_connection()
     try:
         with raw.cursor(name=f"qupath_project_{table}") as cur:
             cur.itersize = BATCH_ROWS
             cur.execute(object_query(table, slide_id))
-            while rows := cur.fetchmany(BATCH_ROWS):
+            for rows in prefetched(iter(lambda: cur.fetchmany(BATCH_ROWS), [])):
+                collection = reader.read(_wkb_collection([row[2] for row in rows]))
+                geometry = collection.getGeometryN
                 batch = new_list(len(rows))
-                for uid, cls, wkb, *values in rows:
-                    obj = create(tools.geometryToROI(reader.read(bytes(wkb)), plane), classes[cls])
+                for n, (uid, cls, _, *values) in enumerate(rows):
+                    obj = create(tools.geometryToROI(geometry(n), plane), classes[cls])
                     obj.setID(new_uuid(uid))
-                    measurements = obj.getMeasurementList()
+                    put = obj.getMeasurementList().put
                     for name, value in zip(names, values, strict=True):
                         if value is not None:
-                            measurements.put(name, float(value))
+                            put(name, float(value))
                     batch.add(obj)
                 hierarchy.addObjects(batch)
                 count += len(rows)
@@ -157,6 +169,11 @@ def _add_objects(hierarchy, engine, slide_id: int, table: str, classes: dict) ->
     finally:
         raw.close()
     return count
+
+
+def _wkb_collection(parts: list) -> bytes:
+    """One WKB GeometryCollection (little-endian) holding WKB geometries."""
+    return b"\x01" + struct.pack("<II", 7, len(parts)) + b"".join(parts)
 
 
 def read_project(project: Path, out_dir: Path) -> list[ProjectEntry]:

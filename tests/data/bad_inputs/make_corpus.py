@@ -84,6 +84,33 @@ GEOJSON = {
     "sql_class.geojson": collection(feature(SQUARE, name="x'); DROP TABLE nucleus; --")),
 }
 
+#: A QuPath 0.6.0 project file with one image (a slide file that is not there) and no `data/`.
+PROJECT = {
+    "version": "0.6.0",
+    "createTimestamp": 1796419733587,
+    "modifyTimestamp": 1796419733587,
+    "uri": "file:/nonexistent/project/project.qpproj",
+    "lastID": 1,
+    "images": [{
+        "serverBuilder": {
+            "builderType": "uri",
+            "providerClassName": "qupath.lib.images.servers.openslide.OpenslideServerBuilder",
+            "uri": "file:///nonexistent/seed.tif",
+            "args": [],
+        },
+        "entryID": 1,
+        "randomizedName": "ff95fbc8-d804-4fcb-954b-bbe398c69291",
+        "imageName": "seed.tif",
+        "metadata": {},
+        "tags": [],
+    }],
+}  # fmt: skip
+PROJECTS = {
+    "not_a_project.qpproj": "this is not a QuPath project\n",
+    "newer_qupath/project.qpproj": json.dumps({**PROJECT, "version": "0.9.0"}, indent=1),
+    "project_data_missing/project.qpproj": json.dumps(PROJECT, indent=1),
+}
+
 
 def main() -> None:
     rng = np.random.default_rng(0)
@@ -98,6 +125,9 @@ def main() -> None:
     patch_tags(small_tiff(HERE / "mpp_negative.tif"), resolution(-20000, 10))
     for name, text in GEOJSON.items():
         (HERE / name).write_text(text + "\n")
+    for name, text in PROJECTS.items():
+        (HERE / name).parent.mkdir(exist_ok=True)
+        (HERE / name).write_text(text)
 
 
 if __name__ == "__main__":
