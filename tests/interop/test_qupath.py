@@ -336,12 +336,13 @@ def test_project_holds_every_object_as_stored(engine, cli_env, tmp_path):
 
 @needs_qupath
 def test_edits_made_in_a_project_come_back_as_curated_runs(engine, cli_env, tmp_path):
-    slide_id, _ = project_slide(engine, tmp_path, "edited-slide")
+    slide_id, image_file = project_slide(engine, tmp_path, "edited-slide")
     other_id = load_known_slide(engine, name="not-in-project")
     before_other = stored(engine, other_id)
     export(cli_env, tmp_path / "out", "--slide", str(slide_id))
     project = tmp_path / "out" / "project"
     edited = paquo("edit", project / "project.qpproj", tmp_path)["images"][0]["objects"]
+    image_file.rename(tmp_path / "moved.tiff")  # the objects live in the project, not the image
 
     result = spatialdb("import-qupath", str(project), env=cli_env)  # the whole project
     assert result.returncode == 0, result.stderr
