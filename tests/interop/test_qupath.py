@@ -66,9 +66,20 @@ def read(path) -> list[dict]:
 
 def test_export_speaks_qupaths_geojson_dialect(engine, cli_env, tmp_path):
     slide_id = load_known_slide(engine, name="dialect")
+    unreadable = tmp_path / "dialect.ndpi"  # a format none of QuPath's readers opens
+    unreadable.write_bytes(np.random.default_rng(0).bytes(4096))
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE slide SET file_path = :p WHERE id = :s"),
+            {"p": str(unreadable), "s": slide_id},
+        )
     result = export(cli_env, tmp_path / "qp")
-    if not QUPATH:
-        assert "QuPath is not installed" in result.stderr and result.stderr.count("\n") == 1
+    assert result.stderr.count("\n") == 1 and "no QuPath project written" in result.stderr
+    if QUPATH:
+        assert f"QuPath cannot open {unreadable} (slide {slide_id})" in result.stderr
+    else:
+        assert "QuPath is not installed" in result.stderr
+    assert not (tmp_path / "qp" / "project").exists()
     features = read(tmp_path / "qp" / "dialect.geojson.gz")
     objects = stored(engine, slide_id)
     assert len(features) == len(objects) == 9 + 3 + 2 + 2
