@@ -9,6 +9,7 @@ The columns are described in the README's data dictionary.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -315,22 +316,27 @@ def _neighbourhood_columns(raw, slide_id: int, classes: list[str], radius_um: fl
     """The slide's nuclei's neighbourhood features in nucleus id order, and the count within
     `--radius` (`neighbours_within_radius`, `radius_um`)."""
     import numpy as np
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
 
     from spatialdb.features.neighbourhood import count_within, neighbourhood
 
+    query = (
+        "COPY (SELECT ST_X(n.centroid) * s.mpp_x AS x, ST_Y(n.centroid) * s.mpp_y AS y, n.class "
+        "FROM nucleus n JOIN slide s ON s.id = n.slide_id WHERE n.slide_id = %s ORDER BY n.id) "
+        "TO STDOUT WITH (FORMAT csv, HEADER)"
+    )
+    data = io.BytesIO()
     with raw.cursor() as cur:
-        cur.execute(
-            "SELECT ST_X(n.centroid) * s.mpp_x, ST_Y(n.centroid) * s.mpp_y, n.class "
-            "FROM nucleus n JOIN slide s ON s.id = n.slide_id WHERE n.slide_id = %s "
-            "ORDER BY n.id",
-            (slide_id,),
-        )
-        found = cur.fetchall()
-    centroids = np.array([(x, y) for x, y, _ in found], dtype=float).reshape(-1, 2)
-    names = np.array([c for _, _, c in found], dtype=object)
+        cur.copy_expert(cur.mogrify(query, (slide_id,)).decode(), data)
+    data.seek(0)
+    as_read = pacsv.ConvertOptions(column_types={"class": pa.string()}, strings_can_be_null=False)
+    found = pacsv.read_csv(data, convert_options=as_read).to_pandas()
+    centroids = found[["x", "y"]].to_numpy(dtype=float).reshape(-1, 2)
+    names = found["class"].astype(object).to_numpy()
     columns = {
         "neighbours_within_radius": count_within(centroids, radius_um),
-        "radius_um": np.full(len(found), float(radius_um)),
+        "radius_um": np.full(len(centroids), float(radius_um)),
     }
     features = neighbourhood(centroids, names, classes)
     fractions = {
