@@ -75,28 +75,25 @@ def _nearest(tree: cKDTree, points: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _delaunay(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Degree and mean edge length of each point in the Delaunay triangulation (0 and NaN for
-    a point outside it: fewer than 3 nuclei, all on a line, or a duplicate centroid)."""
+    """Degree and mean edge length of each point in the Delaunay triangulation, from Qhull's
+    neighbour lists (0 and NaN for a point outside it: fewer than 3 nuclei, all on a line, or
+    a duplicate centroid)."""
     n = len(points)
     degree, mean = np.zeros(n, dtype=np.int64), np.full(n, np.nan)
     if n < 3:
         return degree, mean
     # Qhull inserts the points in the order given: in bands of 200 µm, each left to right, it
-    # finds each new point's triangle near the last one (1.6x faster at 1,000,000 nuclei).
+    # finds each new point's triangle near the last one (1.6x faster on 1,000,000 random points).
     order = np.lexsort((points[:, 0], np.floor(points[:, 1] / 200)))
     try:
-        simplices = order[Delaunay(points[order]).simplices]
+        triangulation = Delaunay(points[order])
     except QhullError:  # collinear or otherwise degenerate
         return degree, mean
-    pairs = np.concatenate([simplices[:, [0, 1]], simplices[:, [1, 2]], simplices[:, [0, 2]]])
-    pairs.sort(axis=1)
-    codes = np.unique(pairs[:, 0].astype(np.int64) * n + pairs[:, 1])
-    a, b = codes // n, codes % n
-    length = np.hypot(*(points[a] - points[b]).T)
-    degree = np.bincount(a, minlength=n) + np.bincount(b, minlength=n)
-    total = np.bincount(a, weights=length, minlength=n) + np.bincount(
-        b, weights=length, minlength=n
-    )
+    indptr, neighbours = triangulation.vertex_neighbor_vertices  # per point, sorted order
+    degree[order] = np.diff(indptr)
+    owner = order[np.repeat(np.arange(n), np.diff(indptr))]
+    length = np.hypot(*(points[owner] - points[order[neighbours]]).T)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(degree > 0, total / np.maximum(degree, 1), np.nan)
+        mean = np.bincount(owner, weights=length, minlength=n) / degree
+    mean[degree == 0] = np.nan
     return degree, mean
