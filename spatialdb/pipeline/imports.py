@@ -97,7 +97,8 @@ def _import_project(engine, project: Path, slide_ref: str | None):
             entries = outcome(qupath.submit(read_project, project, Path(tmp)))
         if slide_ref is not None:
             slide = find_slide(engine, slide_ref)
-            entry = next((e for e in entries if _matches(e, slide, entries)), None)
+            unique = _unique_file_names(entries)
+            entry = next((e for e in entries if _matches(e, slide, unique)), None)
             if entry is None:
                 names = ", ".join(e.name for e in entries) or "none"
                 raise UserError(
@@ -124,8 +125,9 @@ def _map_images(engine, project: Path, entries) -> tuple[list, list[str]]:
     with engine.connect() as conn:
         slides = [dict(r) for r in conn.execute(text(ALL_SLIDES)).mappings()]
     pairs, unmatched, taken = [], [], {}
+    unique = _unique_file_names(entries)
     for entry in entries:
-        found = [s for s in slides if _matches(entry, s, entries)]
+        found = [s for s in slides if _matches(entry, s, unique)]
         if len(found) > 1:
             ids = ", ".join(str(s["id"]) for s in found)
             raise UserError(f"{project}: image {entry.name!r} matches several slides (ids {ids})")
@@ -147,15 +149,20 @@ def _map_images(engine, project: Path, entries) -> tuple[list, list[str]]:
     return pairs, unmatched
 
 
-def _matches(entry, slide: dict, entries) -> bool:
+def _unique_file_names(entries) -> set[str]:
+    """File names that only one of the project's images has."""
+    names = [Path(e.file_path).name for e in entries if e.file_path]
+    return {n for n in names if names.count(n) == 1}
+
+
+def _matches(entry, slide: dict, unique_names: set[str]) -> bool:
     """Whether a project image is of the slide: the same file, else a file of the same name
     (only one image has it), else the image's name is the slide's name."""
     if entry.file_path:
         if Path(entry.file_path).resolve() == Path(slide["file_path"]).resolve():
             return True
         name = Path(entry.file_path).name
-        same = [e for e in entries if e.file_path and Path(e.file_path).name == name]
-        if name == Path(slide["file_path"]).name and len(same) == 1:
+        if name == Path(slide["file_path"]).name and name in unique_names:
             return True
     return slide["name"] in (entry.name, Path(entry.name).stem)
 
