@@ -23,19 +23,21 @@ from tiatoolbox.models.models_abc import ModelABC
 
 from inference import tiling
 from inference.compress import place, tile_embeddings
-from inference.network import BOTTLENECK, CerberusNet
-from inference.predict import POSTPROCESS, autocast, trained_channels
+from inference.network import BOTTLENECK, NUCLEI_HV, CerberusNet
+from inference.predict import POSTPROCESS, autocast, head_values, trained_channels
 from inference.slide import TissueMask, default_batch, tile_loader
 from inference.weights import WeightsInfo
 
-#: Heads returned by `infer_batch`, in order (each NHWC, centre-cropped to the kept output).
+#: Heads returned by `infer_batch`, in order (each NHWC, centre-cropped to the kept output), and
+#: last `Nuclei-HV` for weights with distance maps (`CerberusModel.spatial_heads`).
 SPATIAL_HEADS = ("Gland-INST", "Gland-TYPE", "Lumen-INST", "Nuclei-INST", "Nuclei-TYPE")
 TASKS = ("Gland", "Gland#TYPE", "Lumen", "Nuclei", "Nuclei#TYPE", "Patch-Class")
 
 
 class CerberusModel(ModelABC):
-    """A `CerberusNet` as a tiatoolbox model. `infer_batch` returns softmax probabilities: one
-    NHWC float16 array per spatial head (`SPATIAL_HEADS`), then the (N, 9) tissue-class vector,
+    """A `CerberusNet` as a tiatoolbox model. `infer_batch` returns softmax probabilities (the
+    distance maps as they are): one NHWC float16 array per spatial head (`spatial_heads`), then
+    the (N, 9) tissue-class vector,
     and with `embeddings` the tiles' NIC cell embeddings (N, C, k, k). Classes the weights were
     not trained on get probability zero (`inference.predict.without_untrained`)."""
 
@@ -45,6 +47,7 @@ class CerberusModel(ModelABC):
         self.info = info
         self.class_dict = dict(enumerate(info.classes["Patch-Class"]))
         self.tasks = (*TASKS, BOTTLENECK) if embeddings else TASKS
+        self.spatial_heads = SPATIAL_HEADS + ((NUCLEI_HV,) if net.preset.nucleus_hv else ())
         self.trained = {k: torch.from_numpy(v) for k, v in trained_channels(info).items()}
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -60,8 +63,8 @@ class CerberusModel(ModelABC):
         with torch.inference_mode(), autocast(device):
             out = model(images)
         heads = []
-        for name in SPATIAL_HEADS:
-            probs = out[name][..., keep, keep].float().softmax(dim=1)
+        for name in model.spatial_heads:
+            probs = head_values(name, out[name][..., keep, keep])
             if name in model.trained:
                 probs = probs * model.trained[name].to(probs.device).view(1, -1, 1, 1)
             heads.append(probs.permute(0, 2, 3, 1))
@@ -114,6 +117,7 @@ def segment_slide(
         "mpp": preset.mpp,
         "nucleus_types": list(info.classes["Nuclei#TYPE"]),
         "gland_types": list(info.classes["Gland#TYPE"]),
+        "hv": preset.nucleus_hv,
     }
     tiles, tile_classes = {}, {}
     if sched.order:
@@ -136,15 +140,16 @@ def segment_slide(
                     break
                 started = time.perf_counter()
                 out = CerberusModel.infer_batch(model, batch["image"], device=device)
-                heads, classes = out[: len(SPATIAL_HEADS)], out[len(SPATIAL_HEADS)]
+                count = len(model.spatial_heads)
+                heads, classes = out[:count], out[count]
                 timings["infer"] += time.perf_counter() - started
                 for i, (x0, y0, _, _) in enumerate(batch["output_locs"].numpy()):
                     rc = (int(y0) // grid.tile, int(x0) // grid.tile)
                     if embeddings is not None:
-                        place(embeddings, rc, out[len(SPATIAL_HEADS) + 1][i])
+                        place(embeddings, rc, out[count + 1][i])
                     maps = {
                         name: head[i].transpose(2, 0, 1)
-                        for name, head in zip(SPATIAL_HEADS, heads, strict=True)
+                        for name, head in zip(model.spatial_heads, heads, strict=True)
                     }
                     tiles[rc] = tiling.reduce_tile(maps)
                     tile_classes[rc] = classes[i]

@@ -11,7 +11,10 @@ Two options of a preset go beyond the published design. `gland_scale` runs the r
 same encoder: at 1 µm/px the network sees twice the tissue per pixel of receptive field, enough
 for the largest malignant glands. `fine_stage` adds a last decoder stage at the input's own
 resolution to the nuclear decoders (a strided stem otherwise ends them at half of it), fed by a
-shallow full-resolution convolution of the input as its skip.
+shallow full-resolution convolution of the input as its skip. `nucleus_hv` gives the nuclear
+decoder a second output, HoVer-Net's horizontal and vertical distance maps (Graham et al., Medical
+Image Analysis 2019: each nucleus pixel's offset from its nucleus's centre, scaled to [-1, 1]
+within the nucleus), whose steep changes separate touching nuclei.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ REGION_DECODERS = ("Gland", "Gland#TYPE", "Lumen")
 PATCH_HEAD = "Patch-Class"
 #: Asked for as a task, the encoder's last feature map is returned too (for compression).
 BOTTLENECK = "Bottleneck"
+#: The nuclear decoder's distance-map output (regression, no softmax) of `Preset.nucleus_hv`.
+NUCLEI_HV = "Nuclei-HV"
 
 NUCLEUS_TYPES = (
     "nolabel",
@@ -81,6 +86,7 @@ class Preset:
     mpp: float = 0.5
     gland_scale: int = 1  # region tasks run on the input downsampled by this factor
     fine_stage: bool = False  # nuclear decoders end at the input's resolution
+    nucleus_hv: bool = False  # the nuclear decoder also predicts HoVer-Net distance maps
     nucleus_types: tuple[str, ...] = NUCLEUS_TYPES
     gland_types: tuple[str, ...] = GLAND_TYPES
 
@@ -139,6 +145,10 @@ PRESETS = {
         gland_types=LABELLED_GLAND_TYPES,
     ),
 }
+# The same with HoVer-Net distance maps beside the nuclear inner/contour classes.
+PRESETS["cpu-multiscale-hv"] = replace(
+    PRESETS["cpu-multiscale"], name="cpu-multiscale-hv", nucleus_hv=True
+)
 
 #: Channels of the fine stage's full-resolution skip and of its output.
 FINE_CHANNELS = 16
@@ -264,20 +274,19 @@ class CerberusNet(nn.Module):
             )
         )
         self.decoder_head = nn.ModuleDict(heads)
+
+        def output(name: str, channels: int) -> OutputHead:
+            width = FINE_CHANNELS if has_fine_stage(name) else f[0]
+            return OutputHead(width, preset.head_channels, channels)
+
         self.output_head = nn.ModuleDict(
             {
-                name: nn.ModuleDict(
-                    {
-                        head: OutputHead(
-                            FINE_CHANNELS if has_fine_stage(name) else f[0],
-                            preset.head_channels,
-                            preset.channels(name),
-                        )
-                    }
-                )
+                name: nn.ModuleDict({head: output(name, preset.channels(name))})
                 for name, head in DECODERS.items()
             }
         )
+        if preset.nucleus_hv:
+            self.output_head["Nuclei"]["HV"] = output("Nuclei", 2)
         if fine:
             self.fine_skip = ConvLayer(3, f[0], 3)
 

@@ -2,17 +2,19 @@
 
 The network's maps are computed once per image of the weights' training split (MoNuSeg tiles,
 CoNSeP patches), then every pair of thresholds of the grid turns them into nuclei: markers where
-the inner probability exceeds the inner threshold, grown over pixels whose inner + contour
-probability exceeds the foreground threshold. Prints mean AJI, PQ and Dice per dataset and
-setting, and marks the best mean AJI over the datasets.
+the inner probability exceeds the inner threshold (or, for weights with distance maps, where both
+maps rise faster than the slope threshold), grown over pixels whose inner + contour probability
+exceeds the foreground threshold. Prints mean AJI, PQ and Dice per dataset and setting, and marks
+the best mean AJI over the datasets.
 
     python -m inference.sweep ../shared/data/monuseg ../shared/data/consep [--weights FILE]
-                              [--inner 0.5,0.6,0.7] [--foreground 0.4,0.5]
+        [--inner 0.5,0.6,0.7] [--foreground 0.4,0.5] [--slope 0.02,0.05] [--sobel 5,7,11]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -30,23 +32,47 @@ from inference.evaluate import (
 )
 from inference.predict import POSTPROCESS
 
-INNER = (0.5, 0.6, 0.7, 0.8, 0.9)
-FOREGROUND = (0.4, 0.5, 0.6, 0.7)
+#: What the sweep varies: name -> (the setting in `predict.POSTPROCESS`, default values). The
+#: inner threshold makes the markers of the inner/contour path; slope and Sobel size those of the
+#: distance-map path (weights with `Nuclei-HV`), which does not read the inner threshold.
+PARAMETERS = {
+    "inner": (("inner_threshold", "Nuclei"), (0.5, 0.6, 0.7, 0.8, 0.9)),
+    "foreground": (("foreground_threshold",), (0.4, 0.5, 0.6, 0.7)),
+    "slope": (("hv_slope_threshold",), (0.02, 0.05, 0.08, 0.12)),
+    "sobel": (("hv_sobel_px",), (5, 7, 11)),
+}
 FIGURES = ("aji", "pq", "dice")
 
 
-def nucleus_settings(info, inner=INNER, foreground=FOREGROUND) -> list[dict]:
-    """The weights' post-processing with each (inner, foreground) threshold pair for nuclei."""
+def default_grid(info) -> dict[str, tuple]:
+    """The parameters that matter for the weights' post-processing, with default values."""
+    names = ("foreground", "slope", "sobel") if info.preset.nucleus_hv else ("inner", "foreground")
+    return {name: PARAMETERS[name][1] for name in names}
+
+
+def nucleus_settings(info, grid: dict[str, tuple]) -> list[dict]:
+    """The weights' post-processing with every combination of the `grid`'s values (a name of
+    `PARAMETERS` -> values), in row-major order."""
     base = {**POSTPROCESS, **info.postprocess}
-    return [
-        {
-            **base,
-            "inner_threshold": {**base["inner_threshold"], "Nuclei": i},
-            "foreground_threshold": f,
-        }
-        for i in inner
-        for f in foreground
-    ]
+    out = []
+    for values in itertools.product(*grid.values()):
+        setting = {**base, "inner_threshold": dict(base["inner_threshold"])}
+        for name, value in zip(grid, values, strict=True):
+            container, key = _slot(setting, name)
+            container[key] = value
+        out.append(setting)
+    return out
+
+
+def setting_values(setting: dict, names) -> tuple:
+    """The values of `names` (of `PARAMETERS`) in a setting."""
+    return tuple(container[key] for container, key in (_slot(setting, n) for n in names))
+
+
+def _slot(setting: dict, name: str) -> tuple[dict, str]:
+    """The dict of a setting that holds parameter `name`, and its key there."""
+    *path, key = PARAMETERS[name][0]
+    return (setting[path[0]] if path else setting), key
 
 
 def sweep(folder: Path, net, info, settings: list[dict], device="cpu", progress=print) -> dict:
@@ -75,8 +101,8 @@ def sweep(folder: Path, net, info, settings: list[dict], device="cpu", progress=
     }
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(","))
+def _numbers(text: str) -> tuple[float, ...]:
+    return tuple(float(x) if "." in x else int(x) for x in text.split(","))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,13 +110,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--weights", type=Path, default=weights_file.DEFAULT_WEIGHTS)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--inner", type=_floats, default=INNER, help="e.g. 0.5,0.6,0.7")
-    parser.add_argument("--foreground", type=_floats, default=FOREGROUND)
+    for name, (_, values) in PARAMETERS.items():
+        parser.add_argument(
+            f"--{name}", type=_numbers, help=f"values, e.g. {','.join(map(str, values[:3]))}"
+        )
     args = parser.parse_args(argv)
     try:
         net, info = weights_file.load(args.weights)
         net.to(args.device)
-        settings = nucleus_settings(info, args.inner, args.foreground)
+        grid = default_grid(info)
+        grid.update({n: getattr(args, n) for n in PARAMETERS if getattr(args, n) is not None})
+        settings = nucleus_settings(info, grid)
         started = time.monotonic()
         results = [
             sweep(folder, net, info, settings, args.device, progress=lambda name: None)
@@ -99,23 +129,22 @@ def main(argv: list[str] | None = None) -> int:
     except (weights_file.WeightsError, DatasetError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    current = {**POSTPROCESS, **info.postprocess}
-    now = (current["inner_threshold"]["Nuclei"], current["foreground_threshold"])
-    header = "inner  foreground  " + "  ".join(
-        f"{r['layout']} ({r['images']}) AJI / PQ / Dice" for r in results
-    )
+    now = setting_values({**POSTPROCESS, **info.postprocess}, grid)
+    header = "  ".join(f"{n:>10}" for n in grid) + "  "
+    header += "  ".join(f"{r['layout']} ({r['images']}) AJI / PQ / Dice" for r in results)
     print(f"{args.weights.name}, training images, {time.monotonic() - started:.0f} s")
     print(header + "  mean AJI")
     mean_aji = [np.mean([r["figures"][i]["aji"] for r in results]) for i in range(len(settings))]
     best = int(np.argmax(mean_aji))
     for i, setting in enumerate(settings):
-        pair = (setting["inner_threshold"]["Nuclei"], setting["foreground_threshold"])
+        values = setting_values(setting, grid)
         cells = "  ".join(
             " / ".join(f"{r['figures'][i][key]:.3f}" for key in FIGURES) for r in results
         )
         mark = " best" if i == best else ""
-        mark += " (current)" if pair == now else ""
-        print(f"{pair[0]:5.2f}  {pair[1]:10.2f}  {cells}  {mean_aji[i]:.3f}{mark}")
+        mark += " (current)" if values == now else ""
+        columns = "  ".join(f"{v:>10g}" for v in values)
+        print(f"{columns}  {cells}  {mean_aji[i]:.3f}{mark}")
     return 0
 
 

@@ -10,7 +10,7 @@ that touch the window edge are counted as `truncated`).
 
 Regions are visited row by row and tiles are inferred in the order the regions need them, so
 only the tiles still needed by a later region (about 2 × margin rows of tiles) are held, as
-6 uint8 channels per pixel (`CHANNELS`).
+8 uint8 channels per pixel (`CHANNELS`).
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ import shapely
 from scipy import ndimage
 from shapely.geometry import MultiPolygon, Polygon
 
+from inference.network import NUCLEI_HV
 from inference.postprocess import majority_types, type_map
 from inference.predict import instances
 
-#: Per-pixel channels kept of each tile output, as uint8 (probabilities × 255, or a type index).
+#: Per-pixel channels kept of each tile output, as uint8 (probabilities × 255, a type index, or
+#: a distance map's value in [-1, 1] as (value + 1) × 127.5; zero for weights without them).
 CHANNELS = (
     "gland_inner",
     "lumen_inner",
@@ -34,6 +36,8 @@ CHANNELS = (
     "nuclei_contour",
     "nuclei_type",
     "gland_type",
+    "nuclei_h",
+    "nuclei_v",
 )
 #: The leading CHANNELS that hold probabilities (the rest are type indices).
 PROBABILITY_CHANNELS = 4
@@ -162,25 +166,28 @@ def schedule(grid: Grid, plan: list[Region]) -> Schedule:
 
 
 def reduce_tile(heads: dict[str, np.ndarray]) -> np.ndarray:
-    """The `CHANNELS` of one tile from its head probabilities (C, h, w) as (6, h, w) uint8."""
+    """The `CHANNELS` of one tile from its head outputs (C, h, w) as (8, h, w) uint8."""
 
     def u8(p):
         return np.clip(np.rint(p.astype(np.float32) * 255), 0, 255).astype(np.uint8)
 
-    return np.stack(
-        [
-            u8(heads["Gland-INST"][1]),
-            u8(heads["Lumen-INST"][1]),
-            u8(heads["Nuclei-INST"][1]),
-            u8(heads["Nuclei-INST"][2]),
-            type_map(heads["Nuclei-TYPE"]),
-            type_map(heads["Gland-TYPE"]),
-        ]
-    )
+    hv = heads.get(NUCLEI_HV)
+    distance = [u8((hv[k] + 1) / 2) for k in (0, 1)] if hv is not None else []
+    tile = np.zeros((len(CHANNELS), *heads["Nuclei-INST"].shape[1:]), np.uint8)
+    tile[: 6 + len(distance)] = [
+        u8(heads["Gland-INST"][1]),
+        u8(heads["Lumen-INST"][1]),
+        u8(heads["Nuclei-INST"][1]),
+        u8(heads["Nuclei-INST"][2]),
+        type_map(heads["Nuclei-TYPE"]),
+        type_map(heads["Gland-TYPE"]),
+        *distance,
+    ]
+    return tile
 
 
 def assemble(grid: Grid, region: Region, tiles: dict) -> tuple[np.ndarray, tuple[int, int]]:
-    """The region's window as one (6, H, W) array, cropped to the slide, and its top-left (y, x)
+    """The region's window as one (8, H, W) array, cropped to the slide, and its top-left (y, x)
     in model pixels. Outside the tissue mask it is zero: no objects on glass, and none cut off
     by the edge of the inferred tiles."""
     r0, r1, c0, c1 = region.window
@@ -215,6 +222,7 @@ class RegionJob:
     mpp: float
     nucleus_types: list[str]
     gland_types: list[str]
+    hv: bool = False  # the window's distance-map channels hold the weights' `Nuclei-HV`
 
 
 def region_job(grid: Grid, region: Region, tiles: dict, **fields) -> RegionJob:
@@ -237,7 +245,10 @@ def process_region(job: RegionJob) -> tuple[list[Objects], dict]:
     nx1 = min(x1 + NUCLEI_MARGIN_PX, ox + job.window.shape[2])
     crop = np.s_[ny0 - oy : ny1 - oy, nx0 - ox : nx1 - ox]
     inner, contour = (job.window[k][crop].astype(np.float32) / 255 for k in (2, 3))
-    nuclei = instances({"Nuclei-INST": (None, inner, contour)}, job.settings, job.mpp)["Nuclei"]
+    maps = {"Nuclei-INST": (None, inner, contour)}
+    if job.hv:
+        maps[NUCLEI_HV] = job.window[(slice(6, 8), *crop)].astype(np.float32) / 127.5 - 1
+    nuclei = instances(maps, job.settings, job.mpp)["Nuclei"]
     regions_ = instances(
         {"Gland-INST": (None, gland, None), "Lumen-INST": (None, lumen, None)},
         job.settings,

@@ -5,6 +5,8 @@ resolution (`Preset.gland_scale` times coarser than the input) for glands, lumin
 tissue class, and a *nuclear* batch at the input resolution for nuclei and their types, drawn from
 the nuclear datasets by configured weights (they differ in size by orders of magnitude). Each
 sample carries only its own labels, and each head's loss averages over the samples that have them.
+A transfer step (`train_only`) trains some modules on a frozen rest, e.g. the nuclear decoders
+on the shared encoder, which leaves every other head's output exactly as it was.
 
     python -m inference.train --config configs/cpu-multiscale.toml [--resume]
 
@@ -30,6 +32,7 @@ from inference import datasets, weights
 from inference.datasets import LabelledImage
 from inference.network import (
     LABELLED_GLAND_TYPES,
+    NUCLEI_HV,
     PATCH_HEAD,
     TISSUE_CLASSES,
     CerberusNet,
@@ -37,7 +40,7 @@ from inference.network import (
     build,
 )
 from inference.predict import POSTPROCESS, autocast, use_bf16
-from inference.targets import inner_contour_map, unet_weight_map
+from inference.targets import hv_maps, inner_contour_map, unet_weight_map
 
 SEGMENTATION_TASKS = ("Gland", "Lumen", "Nuclei")
 TYPED_TASKS = ("Gland", "Nuclei")  # tasks whose instances have a type head, `<task>#TYPE`
@@ -61,7 +64,7 @@ class TrainConfig:
     crop: int = 256  # nuclear crops, px at the input resolution
     region_crop: int = 320  # GlaS crops, px at the region resolution
     batch: int = 8
-    region_batch: int = 6
+    region_batch: int = 6  # 0: no region batch (a nuclear transfer step)
     steps: int = 3000
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -69,6 +72,10 @@ class TrainConfig:
     init: str | None = None  # start from these weights (parameters of matching name and shape)
     mix: dict[str, float] = field(default_factory=lambda: {"monuseg": 0.4, "consep": 0.6})
     patch_loss_weight: float = 0.5
+    hv_loss_weight: float = 1.0
+    #: Names (prefixes) of the parameters trained; empty: all. The rest is frozen, and its batch
+    #: normalisation keeps its statistics.
+    train_only: list[str] = field(default_factory=list)
     glas_val_every: int = 5  # every 5th GlaS image (train_5, train_10, ...) is held out
     consep_val_every: int = 5  # every 5th CoNSeP source image (train_5, ...) is held out
     monuseg_held_out: list[str] = field(
@@ -204,6 +211,8 @@ class TaskSampler:
             "types": {task: view(t) for task, t in item.types.items()},
             "patch": -1,
         }
+        if "Nuclei" in item.instances:
+            sample["hv"] = hv_maps(view(item.instances["Nuclei"]))
         if "Gland" in item.instances:
             sample["patch"] = datasets.tissue_class(
                 item.instances["Gland"][window], item.image[window], item.grade
@@ -240,6 +249,12 @@ def collate(samples: list[dict], crop: int) -> dict[str, torch.Tensor]:
             if has[i]:
                 types[i] = s["types"][task]
         batch[f"{task}#TYPE"] = (torch.from_numpy(types), torch.tensor(has))
+    has = [("hv" in s) for s in samples]
+    hv = np.zeros((n, 2, crop, crop), dtype=np.float32)
+    for i, s in enumerate(samples):
+        if has[i]:
+            hv[i] = s["hv"]
+    batch[NUCLEI_HV] = (torch.from_numpy(hv), torch.tensor(has))
     batch[PATCH_HEAD] = torch.tensor([s["patch"] for s in samples])
     return batch
 
@@ -266,6 +281,28 @@ def segmentation_loss(logits, classes, weight_map, has) -> torch.Tensor | None:
     logits, classes, weight_map = logits[has].float(), classes[has], weight_map[has]
     ce = (F.cross_entropy(logits, classes, reduction="none") * weight_map).mean(dim=(1, 2))
     return (ce + dice_loss(logits, classes, [1, 2])).mean()
+
+
+def hv_loss(pred, target, has) -> torch.Tensor | None:
+    """HoVer-Net's loss of the distance maps: squared error over all pixels plus squared error
+    of their gradients (along x of the horizontal map, along y of the vertical) over the nuclei."""
+    if not bool(has.any()):
+        return None
+    pred, target = pred[has].float(), target[has]
+    nuclei = (target.abs().sum(dim=1, keepdim=True) > 0).float()
+    mse = ((pred - target) ** 2).mean()
+    gradient_error = (_hv_gradients(pred) - _hv_gradients(target)) ** 2 * nuclei
+    msge = gradient_error.sum() / (2 * nuclei.sum()).clamp_min(1.0)
+    return mse + msge
+
+
+def _hv_gradients(maps: torch.Tensor) -> torch.Tensor:
+    """d/dx of channel 0 and d/dy of channel 1 with HoVer-Net's 5x5 Sobel kernels."""
+    steps = torch.arange(-2, 3, dtype=torch.float32, device=maps.device)
+    across, along = steps.expand(5, 5), steps[:, None].expand(5, 5)
+    kernel_x = across / (across * across + along * along).clamp_min(1e-15)
+    kernels = torch.stack([kernel_x, kernel_x.T])[:, None]
+    return F.conv2d(maps, kernels, padding=2, groups=2)
 
 
 def patch_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
@@ -310,6 +347,11 @@ def batch_losses(out: dict, batch: dict, config: TrainConfig) -> dict[str, torch
             loss = typing_loss(out[f"{task}-TYPE"], types, has)
             if loss is not None:
                 losses[f"{task}#TYPE"] = loss
+    if NUCLEI_HV in out:
+        target, has = (t.to(device) for t in batch[NUCLEI_HV])
+        loss = hv_loss(out[NUCLEI_HV], target, has)
+        if loss is not None:
+            losses[NUCLEI_HV] = config.hv_loss_weight * loss
     if PATCH_HEAD in out:
         loss = patch_loss(out[PATCH_HEAD], batch[PATCH_HEAD].to(device))
         if loss is not None:
@@ -325,11 +367,37 @@ def step_losses(net: CerberusNet, samplers: dict, config: TrainConfig) -> dict[s
         (REGION_TASKS, samplers["region"], config.region_batch),
         (NUCLEAR_TASKS, samplers["nuclear"], config.batch),
     ):
+        if size == 0:
+            continue
         batch = sampler.batch(size)
         with autocast(config.device, enabled=config.bf16 and use_bf16(config.device)):
             out = net.decode(batch["image"].to(config.device), tasks=tasks)
         losses.update(batch_losses(out, batch, config))
     return losses
+
+
+def _trained(name: str, prefixes: list[str]) -> bool:
+    return not prefixes or any(name.startswith(prefix) for prefix in prefixes)
+
+
+def trainable(net: CerberusNet, prefixes: list[str]) -> list[torch.nn.Parameter]:
+    """The parameters named by `prefixes` (all when empty), the others frozen."""
+    chosen = []
+    for name, parameter in net.named_parameters():
+        parameter.requires_grad_(_trained(name, prefixes))
+        if parameter.requires_grad:
+            chosen.append(parameter)
+    if not chosen:
+        raise ValueError(f"train_only {prefixes} names no parameter")
+    return chosen
+
+
+def train_mode(net: CerberusNet, prefixes: list[str]) -> None:
+    """Training mode, except the batch normalisation of frozen modules (their statistics stay)."""
+    net.train()
+    for name, module in net.named_modules():
+        if isinstance(module, torch.nn.BatchNorm2d) and not _trained(name, prefixes):
+            module.eval()
 
 
 def initialise(net: CerberusNet, path: str, log=print) -> None:
@@ -364,7 +432,8 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> Path:
     state = {"step": 0, "history": [], "seconds": 0.0}
     if config.init:
         initialise(net, config.init, log)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    trained = trainable(net, config.train_only)
+    optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
     if resume and checkpoint_path.exists():
         saved = torch.load(checkpoint_path, map_location=config.device, weights_only=False)
         net.load_state_dict(saved["net"])
@@ -377,7 +446,7 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> Path:
         "region": TaskSampler(pools, {"glas": 1.0}, config.region_crop, rng),
         "nuclear": TaskSampler(pools, config.mix, config.crop, rng),
     }
-    net.train()
+    train_mode(net, config.train_only)
     window = []
     while state["step"] < config.steps:
         tick = time.time()

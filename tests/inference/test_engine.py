@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from inference import weights
-from inference.engine import SPATIAL_HEADS, CerberusModel, segment_slide
+from inference.engine import CerberusModel, segment_slide
 from inference.slide import TissueMask
 
 
@@ -19,11 +19,14 @@ def test_infer_batch_returns_cropped_probabilities_per_head(model):
     size, out = preset.input_size, preset.output_size
     batch = np.full((2, size, size, 3), 230, np.uint8)
     *heads, tissue = CerberusModel.infer_batch(model, batch, device="cpu")
-    assert len(heads) == len(SPATIAL_HEADS)
-    heads = dict(zip(SPATIAL_HEADS, heads, strict=True))
+    assert len(heads) == len(model.spatial_heads)
+    heads = dict(zip(model.spatial_heads, heads, strict=True))
     assert heads["Gland-INST"].shape == (2, out, out, 3)
     assert heads["Nuclei-TYPE"].shape == (2, out, out, len(info.classes["Nuclei#TYPE"]))
     np.testing.assert_allclose(heads["Nuclei-INST"].astype(np.float32).sum(axis=-1), 1, atol=1e-2)
+    if preset.nucleus_hv:  # distance maps, not probabilities
+        assert heads["Nuclei-HV"].shape == (2, out, out, 2)
+        assert np.abs(heads["Nuclei-HV"]).max() <= 1
     assert tissue.shape == (2, 9)
     np.testing.assert_allclose(tissue.sum(axis=1), 1.0, atol=1e-5)
     # classes the weights were never taught get nothing, so they are never emitted

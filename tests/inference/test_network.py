@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from inference import weights
-from inference.network import DECODERS, PATCH_HEAD, PRESETS, TISSUE_CLASSES, build
+from inference.network import (
+    DECODERS,
+    NUCLEI_HV,
+    PATCH_HEAD,
+    PRESETS,
+    TISSUE_CLASSES,
+    build,
+)
 
 PUBLISHED_KEYS = Path(__file__).parents[1] / "data" / "cerberus_state_dict_keys.txt"
 
@@ -44,7 +51,7 @@ def test_a_checkpoint_in_the_published_format_loads_with_one_call(tmp_path):
     assert torch.all(bias == 0.25)
 
 
-@pytest.mark.parametrize("preset", ["cerberus", "cpu", "cpu-multiscale"])
+@pytest.mark.parametrize("preset", ["cerberus", "cpu", "cpu-multiscale", "cpu-multiscale-hv"])
 def test_forward_gives_every_head_at_input_size(preset):
     size = PRESETS[preset].input_size
     net = build(preset).eval()
@@ -54,6 +61,8 @@ def test_forward_gives_every_head_at_input_size(preset):
         f"{name.split('#')[0]}-{head}": PRESETS[preset].channels(name)
         for name, head in DECODERS.items()
     }
+    if PRESETS[preset].nucleus_hv:
+        expected[NUCLEI_HV] = 2
     assert set(out) == {*expected, PATCH_HEAD}
     for key, channels in expected.items():
         assert out[key].shape == (1, channels, size, size), key

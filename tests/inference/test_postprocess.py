@@ -1,15 +1,17 @@
 """Post-processing from head probabilities to instances, on synthetic maps with known answers."""
 
 import numpy as np
+import pytest
 
 from inference.postprocess import (
     lumina_inside_glands,
     majority_types,
     nuclei_instances,
+    nuclei_instances_hv,
     region_instances,
     type_map,
 )
-from inference.targets import inner_contour_map
+from inference.targets import hv_maps, inner_contour_map
 
 
 def probabilities(classes: np.ndarray) -> np.ndarray:
@@ -33,6 +35,24 @@ def test_touching_nuclei_are_split_by_the_watershed():
     for i in (1, 2):
         overlap = np.bincount(labels[truth == i])
         assert overlap[1:].max() / (truth == i).sum() > 0.9
+
+
+@pytest.mark.parametrize("sobel_px", [5, 11])
+def test_distance_maps_split_touching_nuclei_the_class_maps_merge(sobel_px):
+    """Three nuclei in a row, touching, of different sizes: the foreground is one blob with no
+    contour between them, so the inner/contour watershed finds one nucleus; HoVer-Net's distance
+    maps fall from 1 to -1 where two nuclei meet, and split the blob into the three."""
+    truth = discs([(30, 20), (30, 33)], radius=7)
+    third = discs([(30, 49)], radius=10)
+    truth[(third > 0) & (truth == 0)] = 3
+    blob = truth > 0
+    probs = np.stack([~blob, blob, np.zeros_like(blob)]).astype(np.float32)
+    assert nuclei_instances(probs).max() == 1
+    labels = nuclei_instances_hv(probs, hv_maps(truth), sobel_px=sobel_px)
+    assert labels.max() == 3
+    for i in (1, 2, 3):
+        overlap = np.bincount(labels[truth == i])
+        assert overlap[1:].max() / (truth == i).sum() > 0.85
 
 
 def test_small_specks_are_not_nuclei():

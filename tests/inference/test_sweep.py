@@ -12,7 +12,7 @@ from tests.fixture_datasets import write_consep, write_glas
 def test_the_sweep_scores_each_setting_and_agrees_with_evaluate(tmp_path):
     folder = write_consep(tmp_path / "consep", images=2, patches=2)  # train_1, train_2: training
     net, info = weights.load()
-    settings = nucleus_settings(info, inner=(0.5, 0.9), foreground=(0.5,))
+    settings = nucleus_settings(info, {"inner": (0.5, 0.9), "foreground": (0.5,)})
     result = sweep(folder, net, info, settings, progress=lambda name: None)
     assert result["layout"] == "consep" and result["images"] == 4
     current, strict = result["figures"]
@@ -25,7 +25,13 @@ def test_the_sweep_scores_each_setting_and_agrees_with_evaluate(tmp_path):
 def test_the_sweep_skips_held_out_images(tmp_path):
     folder = write_consep(tmp_path / "consep", images=5, patches=1)  # train_5 is held out
     net, info = weights.load()
-    result = sweep(folder, net, info, nucleus_settings(info, (0.5,), (0.5,)), progress=print)
+    result = sweep(
+        folder,
+        net,
+        info,
+        nucleus_settings(info, {"inner": (0.5,), "foreground": (0.5,)}),
+        progress=print,
+    )
     assert result["images"] == 4
 
 

@@ -7,6 +7,7 @@ from shapely.geometry import Point
 
 from inference import tiling
 from inference.predict import POSTPROCESS
+from inference.targets import hv_maps
 
 TILE = 64
 MPP = 0.5
@@ -29,19 +30,28 @@ def disc_channels(shape, discs, contour_px):
     return inner, contour
 
 
-def synthetic_tiles(shape, nuclei, glands):
-    """Tile outputs (the `CHANNELS` of `reduce_tile`) cut from whole-slide maps."""
+def disc_labels(shape, discs):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    labels = np.zeros(shape, np.int32)
+    for i, (cy, cx, r) in enumerate(discs, start=1):
+        labels[(np.hypot(yy - cy, xx - cx) <= r) & (labels == 0)] = i
+    return labels
+
+
+def synthetic_tiles(shape, nuclei, glands, hv=False):
+    """Tile outputs (the `CHANNELS` of `reduce_tile`) cut from whole-slide maps; with `hv`, the
+    nuclei's distance maps too."""
     n_inner, n_contour = disc_channels(shape, nuclei, 2)
     g_inner, _ = disc_channels(shape, glands, 4)
     types = np.where(n_inner + n_contour > 0, 3, 0)  # every nucleus "epithelial"
     gland_types = np.where(g_inner > 0, 2, 0)  # every gland "malignant gland"
-    full = np.stack(
-        [g_inner, np.zeros(shape), n_inner, n_contour, types / 255.0, gland_types / 255.0]
-    )
-    full = np.clip(np.rint(full * 255), 0, 255).astype(np.uint8)
+    channels = [g_inner, np.zeros(shape), n_inner, n_contour, types / 255.0, gland_types / 255.0]
+    if hv:
+        channels += list((hv_maps(disc_labels(shape, nuclei)) + 1) / 2)
+    full = np.clip(np.rint(np.stack(channels) * 255), 0, 255).astype(np.uint8)
     rows, cols = -(-shape[0] // TILE), -(-shape[1] // TILE)
     padded = np.zeros((len(tiling.CHANNELS), rows * TILE, cols * TILE), np.uint8)
-    padded[:, : shape[0], : shape[1]] = full
+    padded[: len(full), : shape[0], : shape[1]] = full
     return {
         (r, c): padded[:, r * TILE : (r + 1) * TILE, c * TILE : (c + 1) * TILE]
         for r in range(rows)
@@ -49,7 +59,7 @@ def synthetic_tiles(shape, nuclei, glands):
     }
 
 
-def run_regions(shape, tiles, mask=None):
+def run_regions(shape, tiles, mask=None, hv=False):
     mask = np.ones(shape, bool) if mask is None else mask
     grid = tiling.Grid.over(shape, (2.0, 2.0), TILE, 16, mask)
     plan = tiling.regions(grid, REGION_TILES, MARGIN_TILES)
@@ -70,6 +80,7 @@ def run_regions(shape, tiles, mask=None):
                 mpp=MPP,
                 nucleus_types=TYPES,
                 gland_types=GLAND_TYPES,
+                hv=hv,
             )
             for tile, last in sched.last_use.items():
                 if last == region.index:
@@ -102,6 +113,32 @@ def test_objects_across_tile_and_region_borders_come_out_once_and_whole():
             assert overlap > 0.85, (kind, cy, cx, overlap)
     assert {c for _, c in found["Nuclei"]} == {"epithelial"}
     assert {c for _, c in found["Gland"]} == {"malignant gland"}  # the type head's majority
+
+
+def test_nuclei_from_distance_maps_split_and_come_out_once_across_borders():
+    shape = (700, 900)
+    # Pairs of touching nuclei astride tile and region borders; the inner/contour channels see
+    # each pair as one blob (no contour between them), only the distance maps separate them.
+    pairs = [
+        ((64, 96, 8), (64, 110, 8)),
+        ((250, 256, 9), (264, 256, 9)),
+        ((511, 630, 8), (511, 645, 8)),
+    ]
+    nuclei = [disc for pair in pairs for disc in pair]
+    tiles = synthetic_tiles(shape, nuclei, [], hv=True)
+    for tile in tiles.values():
+        blob = (tile[2] > 0) | (tile[3] > 0)
+        tile[2], tile[3] = np.where(blob, 255, 0), 0
+    found, _, _ = run_regions(shape, tiles, hv=True)
+    assert len(found["Nuclei"]) == len(nuclei)
+    for cy, cx, r in nuclei:
+        expected = Point(2 * cx, 2 * cy).buffer(2 * r)
+        best = max(
+            g.intersection(expected).area / g.union(expected).area for g, _ in found["Nuclei"]
+        )
+        assert best > 0.75, (cy, cx, best)
+    without_hv, _, _ = run_regions(shape, tiles)
+    assert len(without_hv["Nuclei"]) == len(pairs)  # the inner/contour path alone merges them
 
 
 def test_memory_holds_a_band_of_tiles_not_the_slide():

@@ -8,14 +8,19 @@ import torch
 
 from inference import weights
 from inference.network import PRESETS, build
+from inference.targets import hv_maps
 from inference.train import (
     TaskSampler,
     TrainConfig,
+    hv_loss,
     initialise,
     load_pools,
     patch_loss,
     segmentation_loss,
+    step_losses,
     train,
+    train_mode,
+    trainable,
     typing_loss,
 )
 from tests.fixture_datasets import write_all
@@ -51,6 +56,56 @@ def test_typing_loss_without_typed_pixels_is_cross_entropy_alone():
     expected = torch.nn.functional.cross_entropy(logits, background)
     torch.testing.assert_close(typing_loss(logits, background, has), expected)
     assert typing_loss(logits, background, torch.tensor([False, False])) is None
+
+
+def test_hv_loss_is_zero_for_the_true_maps_and_counts_labelled_samples_only():
+    labels = np.zeros((2, 24, 24), dtype=np.int32)
+    labels[0, 4:12, 4:14] = 1
+    labels[0, 12:20, 6:16] = 2  # touching the first
+    labels[1, 8:16, 8:16] = 1
+    target = torch.from_numpy(np.stack([hv_maps(x) for x in labels]))
+    has = torch.tensor([True, True])
+    assert float(hv_loss(target.clone(), target, has)) == 0.0
+    flat = torch.zeros_like(target)  # right on background, no gradient inside the nuclei
+    assert float(hv_loss(flat, target, has)) > float(((flat - target) ** 2).mean())
+    garbage = target.clone()
+    garbage[1] = 5.0
+    assert float(hv_loss(garbage, target, torch.tensor([True, False]))) == 0.0
+    assert hv_loss(target, target, torch.tensor([False, False])) is None
+
+
+def test_a_transfer_step_trains_the_named_modules_and_nothing_else(tmp_path):
+    """`train_only` the nuclear decoders: after a step the encoder, its batch statistics and
+    the region decoders are bit for bit as they were; the nuclear decoders and the new
+    distance-map output moved."""
+    config = TrainConfig(
+        data=str(write_all(tmp_path / "data")),
+        preset="cpu-multiscale-hv",
+        crop=64,
+        batch=2,
+        region_batch=0,
+        monuseg_held_out=["tile-b"],
+        bf16=False,
+        train_only=["decoder_head.Nuclei", "output_head.Nuclei", "fine_skip"],
+    )
+    net = build(config.preset)
+    pools, _ = load_pools(config, net.preset)
+    rng = np.random.default_rng(0)
+    samplers = {"region": None, "nuclear": TaskSampler(pools, config.mix, config.crop, rng)}
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    optimizer = torch.optim.SGD(trainable(net, config.train_only), lr=0.1)
+    train_mode(net, config.train_only)
+    losses = step_losses(net, samplers, config)
+    assert set(losses) == {"Nuclei", "Nuclei#TYPE", "Nuclei-HV"}
+    sum(losses.values()).backward()
+    optimizer.step()
+    after = net.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(tuple(config.train_only)) for k in changed)
+    assert any(k.startswith("output_head.Nuclei.HV") for k in changed)
+    assert any(k.startswith("decoder_head.Nuclei#TYPE") for k in changed)
+    with pytest.raises(ValueError, match="names no parameter"):
+        trainable(net, ["no_such_module"])
 
 
 def test_region_and_nuclear_pools_carry_their_own_labels_at_their_own_resolution(tmp_path):
