@@ -1,5 +1,5 @@
 """Features page: per-gland distributions and scatter plots, per-class nuclear densities,
-slides compared, and the feature tables to download."""
+per-nucleus features by class, slides compared, and the feature tables to download."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ GLAND_FEATURES = (
     "elongation", "nuclei_count", "nuclei_per_1000um2", "nuclear_area_mean_um2",
     "nuclear_area_median_um2", "lumen_count", "lumen_area_um2", "lumen_to_gland_area_ratio",
     "nearest_gland_distance_um",
+)  # fmt: skip
+NUCLEUS_FEATURES = (
+    "area_um2", "perimeter_um", "distance_to_gland_boundary_um", "neighbours_within_25_um",
+    "neighbours_within_50_um", "nearest_1_distance_um", "nearest_5_distance_um",
+    "delaunay_degree", "delaunay_edge_mean_um",
 )  # fmt: skip
 
 
@@ -40,6 +45,7 @@ def render(db: Reader, cohort: pd.DataFrame) -> None:
     else:
         distributions(glands)
     nuclear_densities(slides)
+    nucleus_distributions(db, chosen, labels)
     downloads(db, chosen)
 
 
@@ -79,6 +85,38 @@ def distributions(glands: pd.DataFrame) -> None:
         .properties(title=f"{y} against {x}", height=350)
     )
     st.altair_chart(scatter, width="stretch")
+
+
+def nucleus_distributions(db: Reader, chosen: list[int], labels: dict) -> None:
+    """One slide's per-nucleus feature (the nucleus export's columns) by nuclear class."""
+    left, right = st.columns(2)
+    slide_id = left.selectbox("Slide, per nucleus", chosen, format_func=labels.get)
+    feature = right.selectbox("Per-nucleus feature", NUCLEUS_FEATURES, key="nucleus_feature")
+    run_id = int(db.cohort().set_index("id").loc[slide_id, "run_id"])
+    nuclei = nucleus_table(db, (slide_id, run_id)).dropna(subset=[feature])
+    if nuclei.empty:
+        st.caption("This slide has no nuclei.")
+        return
+    if len(nuclei) > 50_000:
+        nuclei = nuclei.sample(50_000, random_state=0)
+    chart = (
+        alt.Chart(nuclei[["nucleus_class", feature]])
+        .mark_boxplot()
+        .encode(alt.X("nucleus_class:N", title="class"), alt.Y(f"{feature}:Q"),
+                alt.Color("nucleus_class:N", legend=None))
+        .properties(title=f"{feature} per nucleus, by class", height=300)
+    )  # fmt: skip
+    st.altair_chart(chart, width="stretch")
+
+
+@st.cache_data(show_spinner="Computing per-nucleus features…", max_entries=4)
+def nucleus_table(_db: Reader, key: tuple) -> pd.DataFrame:
+    """The slide's nucleus export (`spatialdb features export --level nucleus`) as a frame."""
+    slide_id, _run = key
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "nuclei.parquet"
+        export(_db.engine, "nucleus", "parquet", out, [slide_id])
+        return pd.read_parquet(out)
 
 
 def nuclear_densities(slides: pd.DataFrame) -> None:

@@ -9,6 +9,7 @@ The columns are described in the README's data dictionary.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -37,7 +38,6 @@ GLAND_COLUMNS = (
 NUCLEUS_COLUMNS = (
     "run_id", "nucleus_id", "nucleus_uuid", "nucleus_class", "centroid_x_px", "centroid_y_px",
     "area_um2", "perimeter_um", "gland_id", "distance_to_gland_boundary_um", "tissue_class",
-    "neighbours_within_radius", "radius_um",
 )  # fmt: skip
 SLIDE_COLUMNS = (
     "run_id", "computed_at", "tissue_area_um2", "nucleus_count", "gland_count", "lumen_count",
@@ -89,11 +89,18 @@ def export(
     raw = engine.raw_connection()
     try:
         with raw.cursor() as cur:
-            queries = list(_queries(cur, level, slide_ids, radius_um, fmt == "geoparquet"))
+            # One snapshot for every statement: a run committed meanwhile is not mixed in (the
+            # nucleus export reads the rows and their neighbourhood apart).
+            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            queries = list(_queries(cur, level, slide_ids, fmt == "geoparquet"))
         fd, partial = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
         os.close(fd)
         try:
-            if fmt == "csv":
+            if level == "nucleus":
+                rows, columns = _write_nuclei(
+                    raw, slide_ids, queries, Path(partial), fmt, radius_um
+                )
+            elif fmt == "csv":
                 rows, columns = _write_csv(raw, queries, Path(partial))
             else:
                 rows, columns = _write_parquet(raw, queries, Path(partial), fmt == "geoparquet")
@@ -107,7 +114,7 @@ def export(
     return ExportResult(out, rows, columns)
 
 
-def _queries(cur, level: str, slide_ids: list[int], radius_um: float, geometry: bool):
+def _queries(cur, level: str, slide_ids: list[int], geometry: bool):
     """The SELECT statements whose rows make the export, in order (one per slide for nuclei)."""
     ids = sql.Literal(list(slide_ids))
     if level == "gland":
@@ -152,10 +159,11 @@ def _queries(cur, level: str, slide_ids: list[int], radius_um: float, geometry: 
                 if geometry
                 else sql.SQL("")
             )
+            # No radius: neighbours are counted here with a k-d tree (`_write_nuclei`).
             yield sql.SQL(
-                "{} FROM nucleus_features({}, {}) f JOIN slide s ON s.id = f.slide_id{} "
+                "{} FROM nucleus_features({}, NULL) f JOIN slide s ON s.id = f.slide_id{} "
                 "ORDER BY f.nucleus_id"
-            ).format(select, sql.Literal(slide_id), sql.Literal(float(radius_um)), join)
+            ).format(select, sql.Literal(slide_id), join)
     else:
         yield _slide_query(cur, slide_ids)
 
@@ -257,24 +265,106 @@ def _write_parquet(raw, queries: list, path: Path, geometry: bool) -> tuple[int,
                 if schema is None:
                     schema = _arrow_schema(pa, description, geometry)
                     writer = pq.ParquetWriter(path, schema)
-                columns = list(zip(*batch, strict=True))
-                arrays = [
-                    pa.array([None if v is None else str(v) for v in col], type=field.type)
-                    if field.type == pa.string()
-                    else pa.array(col, type=field.type)
-                    for col, field in zip(columns, schema, strict=True)
-                ]
-                writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
+                writer.write_batch(_record_batch(pa, schema, batch))
                 rows += len(batch)
         if writer is None:  # nothing to write: an empty file with the columns
-            with raw.cursor() as cur:
-                cur.execute(sql.SQL("{} LIMIT 0").format(queries[0]))
-                schema = _arrow_schema(pa, cur.description, geometry)
+            schema = _arrow_schema(pa, _description(raw, queries[0]), geometry)
             writer = pq.ParquetWriter(path, schema)
     finally:
         if writer is not None:
             writer.close()
     return rows, schema.names
+
+
+def _write_nuclei(raw, slide_ids, queries, path: Path, fmt: str, radius_um: float):
+    """Nucleus rows of each slide from SQL with their neighbourhood columns beside them (counted
+    here over the slide's centroids, `spatialdb.features.neighbourhood`), as CSV or Parquet."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    with raw.cursor() as cur:
+        cur.execute(
+            "SELECT DISTINCT class FROM nucleus WHERE slide_id = ANY(%s) ORDER BY 1",
+            (list(slide_ids),),
+        )
+        classes = [c for (c,) in cur.fetchall()]
+    base = _arrow_schema(pa, _description(raw, queries[0]), fmt == "geoparquet")
+    rows, writer = 0, None
+    try:
+        for slide_id, query in zip(slide_ids, queries, strict=True):
+            extra = _neighbourhood_columns(raw, slide_id, classes, radius_um)
+            if writer is None:
+                fields = [pa.field(n, pa.from_numpy_dtype(a.dtype)) for n, a in extra.items()]
+                schema = pa.schema(list(base) + fields, metadata=base.metadata)
+                writer = (
+                    pacsv.CSVWriter(path, schema)
+                    if fmt == "csv"
+                    else pq.ParquetWriter(path, schema)
+                )
+            offset = 0
+            for _, batch in _batches(raw, query):
+                arrays = _record_batch(pa, base, batch).columns
+                arrays += [pa.array(a[offset : offset + len(batch)]) for a in extra.values()]
+                writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
+                offset += len(batch)
+            rows += offset
+    finally:
+        if writer is not None:
+            writer.close()
+    return rows, schema.names
+
+
+def _neighbourhood_columns(raw, slide_id: int, classes: list[str], radius_um: float) -> dict:
+    """The slide's nuclei's neighbourhood features in nucleus id order, and the count within
+    `--radius` (`neighbours_within_radius`, `radius_um`)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    from spatialdb.features.neighbourhood import count_within, neighbourhood
+
+    query = (
+        "COPY (SELECT ST_X(n.centroid) * s.mpp_x AS x, ST_Y(n.centroid) * s.mpp_y AS y, n.class "
+        "FROM nucleus n JOIN slide s ON s.id = n.slide_id WHERE n.slide_id = %s ORDER BY n.id) "
+        "TO STDOUT WITH (FORMAT csv, HEADER)"
+    )
+    data = io.BytesIO()
+    with raw.cursor() as cur:
+        cur.copy_expert(cur.mogrify(query, (slide_id,)).decode(), data)
+    data.seek(0)
+    as_read = pacsv.ConvertOptions(column_types={"class": pa.string()}, strings_can_be_null=False)
+    found = pacsv.read_csv(data, convert_options=as_read).to_pandas()
+    centroids = found[["x", "y"]].to_numpy(dtype=float).reshape(-1, 2)
+    names = found["class"].astype(object).to_numpy()
+    columns = {
+        "neighbours_within_radius": count_within(centroids, radius_um),
+        "radius_um": np.full(len(centroids), float(radius_um)),
+    }
+    features = neighbourhood(centroids, names, classes)
+    fractions = {
+        column_name("neighbour_fraction", c): features.pop(f"neighbour_fraction_{c}")
+        for c in classes
+    }
+    return columns | features | fractions
+
+
+def _record_batch(pa, schema, batch: list[tuple]):
+    """Rows from the server as an Arrow record batch of `schema`."""
+    columns = list(zip(*batch, strict=True))
+    arrays = [
+        pa.array([None if v is None else str(v) for v in col], type=field.type)
+        if field.type == pa.string()
+        else pa.array(col, type=field.type)
+        for col, field in zip(columns, schema, strict=True)
+    ]
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def _description(raw, query):
+    with raw.cursor() as cur:
+        cur.execute(sql.SQL("{} LIMIT 0").format(query))
+        return cur.description
 
 
 def _arrow_schema(pa, description, geometry: bool):

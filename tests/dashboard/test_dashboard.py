@@ -116,7 +116,13 @@ def test_a_slide_without_features_says_so(app, slides):
 def test_features_page_plots_and_offers_downloads(app, slides):
     at = app("Features")
     charts = elements(at, "vega_lite_chart")
-    assert len(charts) >= 4  # histogram, box plot, scatter, nuclear densities
+    assert len(charts) >= 5  # histogram, box plot, scatter, nuclear densities, per nucleus
+    per_nucleus = charts[-1].proto.spec
+    assert "delaunay_degree" not in per_nucleus and "area_um2 per nucleus" in per_nucleus
+    at.selectbox(key="nucleus_feature").set_value("neighbours_within_25_um").run()
+    assert not at.exception
+    spec = elements(at, "vega_lite_chart")[-1].proto.spec
+    assert "neighbours_within_25_um per nucleus, by class" in spec
     labels = [b.proto.label for b in elements(at, "download_button")]
     assert labels == [
         "gland features (csv)", "gland features (parquet)",

@@ -94,7 +94,7 @@ CASES = [
     Case(
         "export-nuclei-sql-function",
         ("features", "export", "--level", "nucleus", "--slide", "{small}", "-o", "{out}/n.csv"),
-        "before", "nucleus_features(", lock="nucleus",
+        "before", "nucleus_features(", lock="tissue_region",
     ),
     Case(
         "export-qupath-cursor", ("export-qupath", "{out}", "--slide", "{slide}"),

@@ -173,6 +173,7 @@ def _string_statements(path: Path) -> list[str]:
     [
         ("0002_features.sql", {"gland_features", "slide_features", "refresh_slide_features"}),
         ("0006_faster_features.sql", {"gland_features", "slide_features"}),
+        ("0008_nucleus_features.sql", {"nucleus_features"}),
     ],
 )
 def test_the_feature_functions_filter_every_table_by_slide(script, functions):
@@ -205,14 +206,15 @@ def test_composed_export_queries_filter_every_table_by_slide(engine):
         composed = [
             q
             for level in ("gland", "nucleus", "slide")
-            for q in feature_export._queries(cur, level, [1, 2], 25.0, geometry=True)
+            for q in feature_export._queries(cur, level, [1, 2], geometry=True)
         ]
         composed += [qupath_geojson.feature_query(t, 1, {}) for t in OBJECT_TABLES]
+        composed += [qupath_geojson.object_query(t, 1) for t in OBJECT_TABLES]
         statements = [q.as_string(cur) for q in composed]
     finally:
         raw.rollback()
         raw.close()
-    assert len(statements) == 3 + 2 + len(OBJECT_TABLES) - 1
+    assert len(statements) == 3 + 2 + 2 * len(OBJECT_TABLES) - 1
     for statement in statements:
         assert unscoped(statement) == [], statement
 
