@@ -27,6 +27,7 @@ from spatialdb.store.geometry import (
     simple_polygons,
     star_shaped_rings,
 )
+from spatialdb.store.morphometry import MORPHOMETRY, ring_shape_measurements, shape_measurements
 
 HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 TRAILER = struct.pack(">h", -1)
@@ -40,6 +41,7 @@ OBJECT_COLUMNS = (
     "probability",
     "area_um2",
     "perimeter_um",
+    *MORPHOMETRY,
     "centroid",
     "class",
     "geom",
@@ -47,6 +49,9 @@ OBJECT_COLUMNS = (
 _WKB_POINT, _WKB_POLYGON, _LITTLE_ENDIAN = 1, 3, 1
 _POINT_SIZE = 21  # byte order, type, x, y
 _POLYGON_HEADER = 13  # byte order, type, ring count, point count
+_MORPHOMETRY_FIELDS = [
+    field for key in MORPHOMETRY for field in ((f"l_{key}", ">i4"), (key, ">f8"))
+]
 
 
 @dataclass
@@ -115,7 +120,8 @@ def _encode_simple(rows: ObjectRows, prove: bool) -> Iterator[tuple[bytes, np.nd
         sel = b + np.flatnonzero(ok)
         rings = rings[ok] if not ok.all() else rings
         area, perimeter, cx, cy = ring_measurements(rings, rows.mpp_x, rows.mpp_y)
-        record = _records(rows, sel, name, with_probability, area, perimeter, cx, cy, k)
+        shape = ring_shape_measurements(rings, rows.geoms[sel], rows.mpp_x, rows.mpp_y)
+        record = _records(rows, sel, name, with_probability, area, perimeter, cx, cy, shape, k)
         record["l_geom"] = _POLYGON_HEADER + 16 * k
         record["g_order"], record["g_type"], record["g_rings"] = 1, _WKB_POLYGON, 1
         record["g_points"] = k
@@ -129,11 +135,20 @@ def _encode_other(rows: ObjectRows) -> Iterator[bytes]:
     """Polygons with holes and multipolygons: shapely's WKB, one group per class."""
     rows, keys, bounds = _grouped(rows, np.zeros(len(rows.ids), dtype=np.int64))
     area, perimeter, cx, cy = measurements(rows.geoms, rows.mpp_x, rows.mpp_y)
+    shape = shape_measurements(rows.geoms, rows.mpp_x, rows.mpp_y)
     wkb = shapely.to_wkb(rows.geoms, byte_order=_LITTLE_ENDIAN, output_dimension=2)
     for (name, with_probability), b, e in zip(keys, bounds.starts, bounds.ends, strict=True):
         sel = np.arange(b, e)
         record = _records(
-            rows, sel, name, with_probability, area[sel], perimeter[sel], cx[sel], cy[sel]
+            rows,
+            sel,
+            name,
+            with_probability,
+            area[sel],
+            perimeter[sel],
+            cx[sel],
+            cy[sel],
+            {key: values[sel] for key, values in shape.items()},
         )
         record["l_geom"] = np.frompyfunc(len, 1, 1)(wkb[sel]).astype(np.int32)
         raw, size = record.tobytes(), record.dtype.itemsize
@@ -161,7 +176,7 @@ def _grouped(rows: ObjectRows, layout: np.ndarray) -> tuple[ObjectRows, list, _B
     return rows.take(order), keys, _Bounds(order, starts, ends)
 
 
-def _records(rows, sel, name, with_probability, area, perimeter, cx, cy, points=None):
+def _records(rows, sel, name, with_probability, area, perimeter, cx, cy, shape, points=None):
     """The fixed-width part of rows `sel`, up to the geometry's length (and WKB header)."""
     record = np.zeros(
         len(sel), dtype=_record_dtype(with_probability, len(name), points is not None)
@@ -177,6 +192,8 @@ def _records(rows, sel, name, with_probability, area, perimeter, cx, cy, points=
         record["l_probability"] = -1  # NULL
     record["l_area"], record["area_um2"] = 8, area
     record["l_perimeter"], record["perimeter_um"] = 8, perimeter
+    for key in MORPHOMETRY:
+        record[f"l_{key}"], record[key] = 8, shape[key]
     record["l_centroid"], record["c_order"], record["c_type"] = _POINT_SIZE, 1, _WKB_POINT
     record["cx"], record["cy"] = cx, cy
     record["l_class"], record["class"] = len(name), name
@@ -194,6 +211,7 @@ def _record_dtype(with_probability: bool, class_len: int, polygon_header: bool) 
         *([("probability", ">f4")] if with_probability else []),
         ("l_area", ">i4"), ("area_um2", ">f8"),
         ("l_perimeter", ">i4"), ("perimeter_um", ">f8"),
+        *_MORPHOMETRY_FIELDS,
         ("l_centroid", ">i4"), ("c_order", "u1"), ("c_type", "<u4"), ("cx", "<f8"), ("cy", "<f8"),
         ("l_class", ">i4"), ("class", f"S{class_len}"),
         ("l_geom", ">i4"),

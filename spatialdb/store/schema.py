@@ -137,6 +137,16 @@ class ObjectColumns:
     probability: Mapped[float | None] = mapped_column(REAL)
     area_um2: Mapped[float] = mapped_column(Double, nullable=False)
     perimeter_um: Mapped[float] = mapped_column(Double, nullable=False)
+    # Shape measurements (`spatialdb.store.morphometry`); empty for objects stored before them
+    # until `spatialdb db backfill-morphometry`.
+    equivalent_diameter_um: Mapped[float | None] = mapped_column(Double)
+    major_axis_um: Mapped[float | None] = mapped_column(Double)
+    minor_axis_um: Mapped[float | None] = mapped_column(Double)
+    eccentricity: Mapped[float | None] = mapped_column(Double)
+    orientation_deg: Mapped[float | None] = mapped_column(Double)
+    circularity: Mapped[float | None] = mapped_column(Double)
+    solidity: Mapped[float | None] = mapped_column(Double)
+    extent: Mapped[float | None] = mapped_column(Double)
 
     @declared_attr
     def geom(cls) -> Mapped[object]:
