@@ -45,3 +45,16 @@ def stop() -> None:
     click.echo(
         f"stopped {cluster.data_dir}" if cluster.stop() else "the embedded server was not running"
     )
+
+
+@db.command("backfill-morphometry")
+@click.option("--batch", default=20_000, show_default=True, help="Objects per transaction.")
+@click.pass_obj
+def backfill_morphometry(obj: dict, batch: int) -> None:
+    """Compute the shape measurements (equivalent diameter, axes, eccentricity, orientation,
+    circularity, solidity, extent) of objects stored before they existed."""
+    from spatialdb.store.backfill import backfill_morphometry as run
+
+    engine = connect(obj["db_url"])
+    filled = run(engine, batch)
+    click.echo(", ".join(f"{table}: {count}" for table, count in filled.items()) + " filled")

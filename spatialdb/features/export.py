@@ -23,6 +23,7 @@ from sqlalchemy import Engine
 
 from spatialdb.errors import UserError
 from spatialdb.store.db import rollback_or_discard
+from spatialdb.store.morphometry import MORPHOMETRY
 
 LEVELS = ("gland", "nucleus", "slide")
 FORMATS = ("csv", "parquet", "geoparquet")
@@ -316,28 +317,32 @@ def _write_nuclei(raw, slide_ids, queries, path: Path, fmt: str, radius_um: floa
 
 
 def _neighbourhood_columns(raw, slide_id: int, classes: list[str], radius_um: float) -> dict:
-    """The slide's nuclei's neighbourhood features in nucleus id order, and the count within
-    `--radius` (`neighbours_within_radius`, `radius_um`)."""
+    """The slide's nuclei's shape measurements and neighbourhood features in nucleus id order,
+    and the count within `--radius` (`neighbours_within_radius`, `radius_um`)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
     from spatialdb.features.neighbourhood import count_within, neighbourhood
 
+    shape = ", ".join(f"n.{name}" for name in MORPHOMETRY)
     query = (
-        "COPY (SELECT ST_X(n.centroid) * s.mpp_x AS x, ST_Y(n.centroid) * s.mpp_y AS y, n.class "
-        "FROM nucleus n JOIN slide s ON s.id = n.slide_id WHERE n.slide_id = %s ORDER BY n.id) "
-        "TO STDOUT WITH (FORMAT csv, HEADER)"
+        "COPY (SELECT ST_X(n.centroid) * s.mpp_x AS x, ST_Y(n.centroid) * s.mpp_y AS y, n.class, "
+        f"{shape} FROM nucleus n JOIN slide s ON s.id = n.slide_id WHERE n.slide_id = %s "
+        "ORDER BY n.id) TO STDOUT WITH (FORMAT csv, HEADER)"
     )
     data = io.BytesIO()
     with raw.cursor() as cur:
         cur.copy_expert(cur.mogrify(query, (slide_id,)).decode(), data)
     data.seek(0)
-    as_read = pacsv.ConvertOptions(column_types={"class": pa.string()}, strings_can_be_null=False)
+    as_read = pacsv.ConvertOptions(
+        column_types={"class": pa.string(), **{name: pa.float64() for name in MORPHOMETRY}},
+        strings_can_be_null=False,
+    )
     found = pacsv.read_csv(data, convert_options=as_read).to_pandas()
     centroids = found[["x", "y"]].to_numpy(dtype=float).reshape(-1, 2)
     names = found["class"].astype(object).to_numpy()
-    columns = {
+    columns = {name: found[name].to_numpy(dtype=float) for name in MORPHOMETRY} | {
         "neighbours_within_radius": count_within(centroids, radius_um),
         "radius_um": np.full(len(centroids), float(radius_um)),
     }

@@ -53,10 +53,18 @@ PALETTE = {
 DECIMALS = 3
 BATCH_ROWS = 10_000
 
+#: Shape measurements of every object (`spatialdb.store.morphometry`) as QuPath names them.
+SHAPE = {
+    "Equivalent diameter µm": "o.equivalent_diameter_um", "Major axis µm": "o.major_axis_um",
+    "Minor axis µm": "o.minor_axis_um", "Eccentricity": "o.eccentricity",
+    "Orientation °": "o.orientation_deg", "Circularity": "o.circularity",
+    "Solidity": "o.solidity", "Extent": "o.extent",
+}  # fmt: skip
 #: QuPath measurement name -> SQL expression, per table (`o` the object, `f` its gland features).
+#: Glands keep their Feret axes, circularity and solidity from the gland features.
 MEASUREMENTS = {
     "nucleus": {
-        "Area µm^2": "o.area_um2", "Perimeter µm": "o.perimeter_um",
+        "Area µm^2": "o.area_um2", "Perimeter µm": "o.perimeter_um", **SHAPE,
         "Probability": "o.probability",
     },
     "gland": {
@@ -70,8 +78,10 @@ MEASUREMENTS = {
         "Lumina": "f.lumen_count", "Lumen area µm^2": "f.lumen_area_um2",
         "Lumen/gland area": "f.lumen_to_gland_area_ratio",
         "Nearest gland µm": "f.nearest_gland_distance_um",
+        **{k: v for k, v in SHAPE.items() if k not in ("Major axis µm", "Minor axis µm",
+                                                       "Circularity", "Solidity")},
     },
-    "lumen": {"Area µm^2": "o.area_um2", "Perimeter µm": "o.perimeter_um"},
+    "lumen": {"Area µm^2": "o.area_um2", "Perimeter µm": "o.perimeter_um", **SHAPE},
     "tissue_region": {"Area µm^2": "o.area_um2", "Probability": "o.probability"},
 }  # fmt: skip
 

@@ -105,6 +105,9 @@ def test_export_speaks_qupaths_geojson_dialect(engine, cli_env, tmp_path):
     assert square["properties"]["measurements"]["Nuclei"] == 5
     assert square["properties"]["measurements"]["Area µm^2"] == pytest.approx(10_000)
     assert square["properties"]["measurements"]["Solidity"] == pytest.approx(1)
+    assert square["properties"]["measurements"]["Extent"] == pytest.approx(1)
+    nucleus = next(f for f in features if objects[f["id"]][0] == "nucleus")
+    assert set(qupath_geojson.SHAPE) <= set(nucleus["properties"]["measurements"])
 
     classes = json.loads((tmp_path / "qp" / "classes.json").read_text())
     assert {c["name"] for c in classes} == {cls for _, cls, _ in objects.values()}

@@ -5,13 +5,17 @@ loader stores."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import shapely
 from shapely import affinity
 from shapely.geometry import MultiPolygon, Point, Polygon, box
 from skimage.draw import polygon as raster_polygon
 from skimage.measure import regionprops
+from sqlalchemy import text
 
+from spatialdb.features import export as feature_export
+from spatialdb.store.backfill import backfill_morphometry
 from spatialdb.store.morphometry import (
     MORPHOMETRY,
     ring_shape_measurements,
@@ -19,6 +23,7 @@ from spatialdb.store.morphometry import (
 )
 from tests.conftest import blobs, make_slide
 from tests.store.test_loader import fetch, load
+from tests.test_cli import spatialdb
 
 
 def ellipse(a: float, b: float, degrees: float, at=(0.0, 0.0)) -> Polygon:
@@ -122,3 +127,42 @@ def test_the_loader_stores_them_for_every_object(engine):
     assert [round(r["orientation_deg"]) for r in rows[:3]] == [0, 45, 90]
     (gland,) = fetch(engine, "SELECT * FROM gland WHERE slide_id = :s", s=result.slide_id)
     assert gland["solidity"] == pytest.approx(0.75) and gland["eccentricity"] == pytest.approx(0)
+
+
+def test_backfill_fills_what_was_stored_before_in_batches(engine, cli_env):
+    nuclei = np.array([ellipse(9, 4, a, at=(600 + 30 * a, 900)) for a in range(0, 60, 5)])
+    result = load(engine, make_slide("old", mpp=0.5), {"nucleus": (nuclei, "other")})
+    as_loaded = fetch(
+        engine, "SELECT * FROM nucleus WHERE slide_id = :s ORDER BY id", s=result.slide_id
+    )
+    blank = ", ".join(f"{name} = NULL" for name in MORPHOMETRY)
+    with engine.begin() as conn:
+        conn.execute(
+            text(f"UPDATE nucleus SET {blank} WHERE slide_id = :s"), {"s": result.slide_id}
+        )
+    done = []
+    filled = backfill_morphometry(engine, batch=5, progress=lambda *a: done.append(a))
+    assert filled["nucleus"] == len(nuclei) and filled["gland"] == 0
+    assert [rows for table, slide, rows in done if slide == result.slide_id] == [5, 5, 2]
+    again = fetch(
+        engine, "SELECT * FROM nucleus WHERE slide_id = :s ORDER BY id", s=result.slide_id
+    )
+    for before, after in zip(as_loaded, again, strict=True):
+        for name in MORPHOMETRY:
+            assert after[name] == pytest.approx(before[name], rel=1e-9, abs=1e-9), name
+    out = spatialdb("db", "backfill-morphometry", env=cli_env)
+    assert out.returncode == 0 and out.stdout.strip() == (
+        "nucleus: 0, gland: 0, lumen: 0, tissue_region: 0 filled"
+    )
+
+
+def test_the_nucleus_export_carries_them(engine, tmp_path):
+    nuclei = np.array([ellipse(12, 6, a, at=(500 + 40 * i, 700)) for i, a in enumerate((0, 30))])
+    result = load(engine, make_slide("export", mpp=0.25), {"nucleus": (nuclei, "other")})
+    out = feature_export.export(engine, "nucleus", "csv", tmp_path / "n.csv", [result.slide_id])
+    table = pd.read_csv(out.path).sort_values("nucleus_id")
+    expected = shape_measurements(nuclei, 0.25, 0.25)
+    for name in MORPHOMETRY:
+        np.testing.assert_allclose(table[name], expected[name], rtol=1e-6, atol=1e-9, err_msg=name)
+    assert table["major_axis_um"].tolist() == pytest.approx([6.0, 6.0], rel=1e-3)
+    assert table["orientation_deg"].tolist() == pytest.approx([0.0, 30.0], abs=1e-3)
