@@ -32,6 +32,7 @@ from spatialdb.store.copy_binary import HEADER, OBJECT_COLUMNS, TRAILER, ObjectR
 from spatialdb.store.db import connect
 from spatialdb.store.geometry import measurements
 from spatialdb.store.loader import RunWriter
+from spatialdb.store.morphometry import shape_measurements
 from spatialdb.store.schema import Nucleus
 
 SLIDE_SIZE = 100_000
@@ -95,6 +96,7 @@ def pre_encoded_rows(geoms, classes, probability) -> tuple[bytes, bytes]:
             "probability": probability,
             "area_um2": area,
             "perimeter_um": perimeter,
+            **shape_measurements(geoms, MPP, MPP),
             "centroid": shapely.to_wkb(shapely.points(cx, cy), hex=True),
             "geom": shapely.to_wkb(geoms, hex=True),
             "class": classes,

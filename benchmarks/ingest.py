@@ -5,13 +5,16 @@ with post-processing in worker processes (the default) and once serially in the 
 baseline, measured in the same run), alternating. Reported per mode, as medians: time per phase
 (open, tissue mask, read, infer, post-process in CPU seconds, waiting on post-processing, load),
 wall time and tissue mm² per minute. The target on the 2-core CPU machine is the sample fully
-ingested in under 60 s.
+ingested in under 60 s. With `--baseline-weights FILE` (e.g. the previous default weights, from
+the repository's history) a third mode ingests with those weights in worker processes, so that the
+shipped weights' cost is measured beside the old one's in the same run.
 
 It also reports the compute the product's tiling (512 in / 384 kept) saves against the published
 one (448 in / 144 kept) at equal outputs: patches needed over the slide's tissue × FLOPs per
 patch, for the same tissue mask.
 
     python benchmarks/ingest.py [--repeat 3] [--device cpu|cuda] [--slide FILE]
+                                [--baseline-weights FILE]
 
 Uses SPATIALDB_URL, or the embedded cluster in SPATIALDB_HOME.
 """
@@ -66,6 +69,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--slide", type=Path, default=SAMPLE)
+    parser.add_argument("--baseline-weights", help="also ingest with these weights (workers)")
     args = parser.parse_args()
 
     from spatialdb.pipeline.ingest import ingest_slide, load_model
@@ -73,14 +77,16 @@ def main() -> int:
 
     engine = connect()
     model = load_model(None, args.device)
-    modes = {"parallel": None, "serial": 0}
+    modes = {"parallel": (model, None), "serial": (model, 0)}
+    if args.baseline_weights:
+        modes["baseline"] = (load_model(args.baseline_weights, args.device), None)
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     tissue = 0.0
     for k in range(args.repeat):
-        for mode, workers in modes.items():
+        for mode, (chosen, workers) in modes.items():
             started = time.perf_counter()
             outcome = ingest_slide(
-                engine, args.slide, model, force=True, device=args.device, workers=workers
+                engine, args.slide, chosen, force=True, device=args.device, workers=workers
             )
             timings = dict(outcome.timings, wall=time.perf_counter() - started)
             runs[mode].append(timings)
@@ -103,6 +109,13 @@ def main() -> int:
         f"parallel vs serial post-processing: {medians['serial']['total'] / total:.2f}x; "
         f"sample ingested in {total:.1f} s (target < 60 s: {'met' if total < 60 else 'NOT met'})"
     )
+    if "baseline" in medians:
+        print(
+            f"shipped vs baseline weights ({Path(args.baseline_weights).name}): "
+            f"{total / medians['baseline']['total']:.2f}x the time, inference "
+            f"{medians['parallel']['infer'] / medians['baseline']['infer']:.2f}x, post-processing "
+            f"{medians['parallel']['postprocess'] / medians['baseline']['postprocess']:.2f}x"
+        )
 
     compute = tiling_compute(args.slide)
     print("\ntiling over the same tissue, equal outputs:")
