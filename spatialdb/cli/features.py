@@ -70,7 +70,8 @@ def refresh(obj: dict, slides: tuple[str, ...]) -> None:
 )
 @click.pass_obj
 def export_features(obj: dict, level, slides, fmt, output, radius_um) -> None:
-    """Write gland, nucleus or slide features as CSV, Parquet or GeoParquet."""
+    """Write gland, nucleus or slide features as CSV, Parquet or GeoParquet (and nuclei as
+    AnnData, .h5ad, for scverse)."""
     if radius_um <= 0:
         raise UserError("--radius-um must be positive")
     engine = connect(obj["db_url"])
@@ -79,7 +80,7 @@ def export_features(obj: dict, level, slides, fmt, output, radius_um) -> None:
         raise UserError("no slides with objects to export")
     if level != "nucleus":
         targets = _with_features(engine, targets, named=bool(slides))
-    suffix = "csv" if fmt == "csv" else "parquet"
+    suffix = {"csv": "csv", "anndata": "h5ad"}.get(fmt, "parquet")
     out = output or Path(f"{level}_features.{suffix}")
     result = export(engine, level, fmt, out, [s["id"] for s in targets], radius_um=radius_um)
     click.echo(f"{result.path}: {result.rows:,} rows, {len(result.columns)} columns")

@@ -1,4 +1,5 @@
-"""Feature tables users take away: gland, nucleus or slide level, as CSV, Parquet or GeoParquet.
+"""Feature tables users take away: gland, nucleus or slide level, as CSV, Parquet or GeoParquet,
+and nuclei as AnnData for scverse (squidpy, scanpy).
 
 Class-keyed maps of the feature tables become one column per class (`nuclei_count_epithelial`,
 `tissue_area_um2_stroma`, `gland_area_um2_q50`, ...), over the classes present in the exported
@@ -26,7 +27,12 @@ from spatialdb.store.db import rollback_or_discard
 from spatialdb.store.morphometry import MORPHOMETRY
 
 LEVELS = ("gland", "nucleus", "slide")
-FORMATS = ("csv", "parquet", "geoparquet")
+FORMATS = ("csv", "parquet", "geoparquet", "anndata")
+#: Nucleus export columns that are its identity and labels (AnnData `obs`), not features (`X`).
+NUCLEUS_LABELS = (
+    "slide_id", "slide_name", "run_id", "nucleus_id", "nucleus_uuid", "nucleus_class",
+    "centroid_x_px", "centroid_y_px", "gland_id", "tissue_class", "radius_um",
+)  # fmt: skip
 BATCH_ROWS = 50_000
 
 GLAND_COLUMNS = (
@@ -85,6 +91,8 @@ def export(
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if fmt == "geoparquet" and level == "slide":
         raise UserError("slide-level features have no geometry: use --format csv or parquet")
+    if fmt == "anndata" and level != "nucleus":
+        raise UserError("--format anndata holds nuclei: use it with --level nucleus")
     if not out.parent.is_dir():
         raise UserError(f"{out.parent}: no such directory")
     raw = engine.raw_connection()
@@ -291,29 +299,76 @@ def _write_nuclei(raw, slide_ids, queries, path: Path, fmt: str, radius_um: floa
         )
         classes = [c for (c,) in cur.fetchall()]
     base = _arrow_schema(pa, _description(raw, queries[0]), fmt == "geoparquet")
-    rows, writer = 0, None
+    rows, writer, batches = 0, None, []
     try:
         for slide_id, query in zip(slide_ids, queries, strict=True):
             extra = _neighbourhood_columns(raw, slide_id, classes, radius_um)
             if writer is None:
                 fields = [pa.field(n, pa.from_numpy_dtype(a.dtype)) for n, a in extra.items()]
                 schema = pa.schema(list(base) + fields, metadata=base.metadata)
-                writer = (
-                    pacsv.CSVWriter(path, schema)
-                    if fmt == "csv"
-                    else pq.ParquetWriter(path, schema)
-                )
+                if fmt == "csv":
+                    writer = pacsv.CSVWriter(path, schema)
+                elif fmt == "anndata":  # AnnData is written whole, from every batch
+                    writer = batches
+                else:
+                    writer = pq.ParquetWriter(path, schema)
             offset = 0
             for _, batch in _batches(raw, query):
                 arrays = _record_batch(pa, base, batch).columns
                 arrays += [pa.array(a[offset : offset + len(batch)]) for a in extra.values()]
-                writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
+                record = pa.RecordBatch.from_arrays(arrays, schema=schema)
+                if fmt == "anndata":
+                    batches.append(record)
+                else:
+                    writer.write_batch(record)
                 offset += len(batch)
             rows += offset
     finally:
-        if writer is not None:
+        if writer is not None and fmt != "anndata":
             writer.close()
+    if fmt == "anndata":
+        _write_anndata(raw, pa.Table.from_batches(batches, schema=schema), slide_ids, path)
     return rows, schema.names
+
+
+def _write_anndata(raw, table, slide_ids: list[int], path: Path) -> None:
+    """Nuclei as an AnnData file: `obs` their identity and labels, `X` their numeric features
+    (`var` names them), `obsm["spatial"]` their centroids in µm, `uns["spatialdb"]["slides"]`
+    each slide by id (name, file, µm per pixel, run, model)."""
+    import anndata
+    import numpy as np
+    import pandas as pd
+
+    frame = table.to_pandas()
+    with raw.cursor() as cur:
+        cur.execute(
+            "SELECT s.id, s.name, s.file_path, s.mpp_x, s.mpp_y, r.id, r.kind, "
+            "coalesce(m.name, ''), coalesce(m.preset, ''), coalesce(m.weights_hash, '') "
+            "FROM slide s LEFT JOIN run r ON r.id = s.current_run_id "
+            "LEFT JOIN model m ON m.id = r.model_id WHERE s.id = ANY(%s) ORDER BY s.id",
+            (list(slide_ids),),
+        )
+        keys = ("id", "name", "file_path", "mpp_x", "mpp_y", "run_id", "run_kind", "model",
+                "preset", "weights_sha256")  # fmt: skip
+        slides = [dict(zip(keys, row, strict=True)) for row in cur.fetchall()]
+    mpp = pd.DataFrame(slides).set_index("id").loc[frame["slide_id"], ["mpp_x", "mpp_y"]]
+    # uns holds mappings of plain values (h5py): slides by id, no empty values
+    by_id = {str(s["id"]): {k: "" if v is None else v for k, v in s.items()} for s in slides}
+    spatial = frame[["centroid_x_px", "centroid_y_px"]].to_numpy(float) * mpp.to_numpy(float)
+    labels = [c for c in frame.columns if c in NUCLEUS_LABELS]
+    obs = frame[labels].copy()
+    for column in ("nucleus_class", "tissue_class", "slide_name"):
+        obs[column] = obs[column].astype("category")
+    obs.index = obs["nucleus_uuid"].astype(str).to_numpy()
+    features = [c for c in frame.columns if c not in NUCLEUS_LABELS and c != "geometry"]
+    data = anndata.AnnData(
+        X=frame[features].to_numpy(dtype=np.float32),
+        obs=obs,
+        var=pd.DataFrame(index=features),
+        obsm={"spatial": spatial},
+        uns={"spatialdb": {"slides": by_id, "spatial_units": "µm"}},
+    )
+    data.write_h5ad(path)
 
 
 def _neighbourhood_columns(raw, slide_id: int, classes: list[str], radius_um: float) -> dict:
