@@ -1,12 +1,12 @@
-"""Model speed: the CPU presets (the default `cpu-multiscale` and the first `cpu`) against the
-published Cerberus tiling, in the same run.
+"""Model speed: the CPU presets (the default `cpu-multiscale-hv`, the previous default
+`cpu-multiscale` and the first `cpu`) against the published Cerberus tiling, in the same run.
 
 For each preset: patches/s, µs per kept output pixel, time and FLOPs per mm² of tissue (kept
 output area at the preset's resolution), and peak memory (each preset runs in its own process, so
 VmHWM is its own). Inference as the product runs it: all heads, eval mode, bf16 autocast where the
-CPU has AMX (or on CUDA). Printed ratios: the published preset's time per mm² to each CPU
-preset's (the first CPU preset was to be at least 10x faster), and the new default's cost per mm²
-beside the old one's.
+CPU has bf16 matrix instructions (or on CUDA). Printed ratios: the published preset's time per
+mm² to each CPU preset's (the first CPU preset was to be at least 10x faster), and each later
+preset's cost per mm² beside the one before it.
 
     python benchmarks/model_speed.py [--repeat 5] [--batch 2] [--device cpu|cuda]
 """
@@ -14,6 +14,7 @@ beside the old one's.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import subprocess
@@ -23,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+#: The published configuration, then the CPU presets in the order they were the default.
+PRESETS = ("cerberus", "cpu", "cpu-multiscale", "cpu-multiscale-hv")
 
 
 def peak_rss_mib() -> float:
@@ -86,7 +89,7 @@ def main() -> int:
         print(json.dumps(measure(args.one, args.repeat, args.batch, args.device)))
         return 0
     results = {}
-    for name in ("cerberus", "cpu", "cpu-multiscale"):
+    for name in PRESETS:
         out = subprocess.run(
             [
                 sys.executable,
@@ -118,19 +121,19 @@ def main() -> int:
             f"{r['us_per_output_px']:11.2f}{r['s_per_mm2']:9.2f}{r['gflop_per_mm2']:11.0f}"
             f"{r['peak_rss_mib']:10.0f}  {r['tiling']}"
         )
-    for name in ("cpu", "cpu-multiscale"):
+    for name in PRESETS[1:]:
         time_ratio = results["cerberus"]["s_per_mm2"] / results[name]["s_per_mm2"]
         flop_ratio = results["cerberus"]["gflop_per_mm2"] / results[name]["gflop_per_mm2"]
         print(
             f"{name} vs published tiling per mm²: {time_ratio:.1f}x faster, "
             f"{flop_ratio:.1f}x fewer FLOPs"
         )
-    new, old = results["cpu-multiscale"], results["cpu"]
-    print(
-        f"cpu-multiscale (default) vs cpu (first weights) per mm²: "
-        f"{new['s_per_mm2'] / old['s_per_mm2']:.2f}x the time, "
-        f"{new['gflop_per_mm2'] / old['gflop_per_mm2']:.2f}x the FLOPs"
-    )
+    for before, after in itertools.pairwise(PRESETS[1:]):
+        new, old = results[after], results[before]
+        print(
+            f"{after} vs {before} per mm²: {new['s_per_mm2'] / old['s_per_mm2']:.2f}x the time, "
+            f"{new['gflop_per_mm2'] / old['gflop_per_mm2']:.2f}x the FLOPs"
+        )
     return 0
 
 
