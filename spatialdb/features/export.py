@@ -10,7 +10,6 @@ The columns are described in the README's data dictionary.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -55,6 +54,9 @@ SLIDE_COLUMNS = (
 #: Per-slide summary statistics of the per-gland features (keys of gland_feature_quantiles).
 QUANTILE_STATS = ("mean", "q05", "q25", "q50", "q75", "q95")
 SLIDE_OBJECTS = ("nucleus", "gland", "lumen", "tissue_region")
+#: Column name prefixes of the spatial statistics' groups (`nucleus_FEATURE_CLASS_STAT`, as the
+#: per-gland `gland_FEATURE_STAT`); other groups are named as they are.
+SPATIAL_PREFIX = {"nucleus_feature_quantiles": ("nucleus",)}
 
 #: PostgreSQL type OIDs of the exported columns -> Arrow type names.
 ARROW_TYPES = {
@@ -220,10 +222,33 @@ def _slide_query(cur, slide_ids: list[int]) -> sql.Composed:
                 )
                 for stat in QUANTILE_STATS
             ]
+    cur.execute(
+        "SELECT statistics FROM slide_spatial_feature WHERE slide_id = ANY(%s)", (list(slide_ids),)
+    )
+    paths = sorted({path for (statistics,) in cur.fetchall() for path in _leaf_paths(statistics)})
+    columns += [
+        (
+            column_name(*SPATIAL_PREFIX.get(path[0], (path[0],)), *path[1:]),
+            sql.SQL("(sp.statistics #>> {})::double precision").format(sql.Literal(list(path))),
+        )
+        for path in paths
+    ]
     return sql.SQL(
         "{} FROM slide_feature f JOIN slide s ON s.id = f.slide_id "
+        "LEFT JOIN slide_spatial_feature sp ON sp.slide_id = f.slide_id "
         "WHERE f.slide_id = ANY({}) ORDER BY s.id"
     ).format(_select(columns), sql.Literal(list(slide_ids)))
+
+
+def _leaf_paths(tree: dict, prefix: tuple = ()) -> list[tuple[str, ...]]:
+    """Paths to the numbers (and empty values) of nested statistics; lists are left out."""
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out += _leaf_paths(value, (*prefix, key))
+        elif value is None or isinstance(value, int | float):
+            out.append((*prefix, key))
+    return out
 
 
 def _select(columns: list[tuple[str, sql.Composable]]) -> sql.Composed:
@@ -375,27 +400,13 @@ def _neighbourhood_columns(raw, slide_id: int, classes: list[str], radius_um: fl
     """The slide's nuclei's shape measurements and neighbourhood features in nucleus id order,
     and the count within `--radius` (`neighbours_within_radius`, `radius_um`)."""
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
 
     from spatialdb.features.neighbourhood import count_within, neighbourhood
+    from spatialdb.features.nuclei import read_nuclei
 
-    shape = ", ".join(f"n.{name}" for name in MORPHOMETRY)
-    query = (
-        "COPY (SELECT ST_X(n.centroid) * s.mpp_x AS x, ST_Y(n.centroid) * s.mpp_y AS y, n.class, "
-        f"{shape} FROM nucleus n JOIN slide s ON s.id = n.slide_id WHERE n.slide_id = %s "
-        "ORDER BY n.id) TO STDOUT WITH (FORMAT csv, HEADER)"
-    )
-    data = io.BytesIO()
     with raw.cursor() as cur:
-        cur.copy_expert(cur.mogrify(query, (slide_id,)).decode(), data)
-    data.seek(0)
-    as_read = pacsv.ConvertOptions(
-        column_types={"class": pa.string(), **{name: pa.float64() for name in MORPHOMETRY}},
-        strings_can_be_null=False,
-    )
-    found = pacsv.read_csv(data, convert_options=as_read).to_pandas()
-    centroids = found[["x", "y"]].to_numpy(dtype=float).reshape(-1, 2)
+        found = read_nuclei(cur, slide_id)
+    centroids = found[["x_um", "y_um"]].to_numpy(dtype=float).reshape(-1, 2)
     names = found["class"].astype(object).to_numpy()
     columns = {name: found[name].to_numpy(dtype=float) for name in MORPHOMETRY} | {
         "neighbours_within_radius": count_within(centroids, radius_um),

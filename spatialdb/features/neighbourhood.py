@@ -97,3 +97,11 @@ def _delaunay(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         mean = np.bincount(owner, weights=length, minlength=n) / degree
     mean[degree == 0] = np.nan
     return degree, mean
+
+
+def nearest_distance(points: np.ndarray) -> np.ndarray:
+    """Distance from each point to its nearest other point (NaN when it is alone)."""
+    if len(points) < 2:
+        return np.full(len(points), np.nan)
+    distance, _ = cKDTree(points).query(points, k=[2], workers=-1)
+    return distance[:, 0]

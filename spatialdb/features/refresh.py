@@ -5,7 +5,9 @@ The features themselves are SQL (`migrations/sql/0002_features.sql`, with the cu
 `slide_features()` and `nucleus_features()`. A refresh holds the slide's row lock (so no run of
 that slide is committed meanwhile), lets `lanes` connections compute a share of the glands each
 (its own connection inserts the first share while the others are computed), and writes all rows
-in one transaction: readers see the old features or the new ones.
+in one transaction: readers see the old features or the new ones. The slide's spatial statistics
+(`slide_spatial_feature`, `spatialdb.features.spatial`) are computed from its nuclei, glands and
+tissue in compiled spatial indexes (k-d tree, GEOS) and written in the same transaction.
 
     seconds = refresh(engine, slide_id)
 """
@@ -13,9 +15,11 @@ in one transaction: readers see the old features or the new ones.
 from __future__ import annotations
 
 import io
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from psycopg2 import sql
 from sqlalchemy import Engine
 
 from spatialdb.errors import UserError
@@ -36,6 +40,12 @@ def refresh(engine: Engine, slide_id: int, lanes: int | None = None) -> float:
         cur.execute("SELECT current_run_id FROM slide WHERE id = %s FOR UPDATE", (slide_id,))
         if cur.fetchone() is None:
             raise UserError(f"no slide with id {slide_id}")
+        cur.execute("DELETE FROM slide_spatial_feature WHERE slide_id = %s", (slide_id,))
+        cur.execute(
+            "INSERT INTO slide_spatial_feature (slide_id, run_id, statistics) "
+            "SELECT id, current_run_id, %s FROM slide WHERE id = %s",
+            (json.dumps(spatial_row(cur, slide_id)), slide_id),
+        )
         if lanes == 1:
             cur.execute("SELECT refresh_slide_features(%s)", (slide_id,))
         else:
@@ -63,6 +73,41 @@ def refresh(engine: Engine, slide_id: int, lanes: int | None = None) -> float:
     finally:
         raw.close()
     return time.perf_counter() - started
+
+
+def spatial_row(cursor, slide_id: int) -> dict:
+    """The slide's spatial statistics, from its nuclei (with their nearest-neighbour distance
+    and neighbours within 25 µm), glands and tissue regions in µm."""
+    import numpy as np
+    import shapely
+
+    from spatialdb.features.neighbourhood import count_within, nearest_distance
+    from spatialdb.features.nuclei import MEASURED, read_nuclei
+    from spatialdb.features.spatial import spatial_statistics
+
+    nuclei = read_nuclei(cursor, slide_id)
+    points = nuclei[["x_um", "y_um"]].to_numpy(dtype=float).reshape(-1, 2)
+    features = {name: nuclei[name].to_numpy(dtype=float) for name in MEASURED}
+    features["neighbours_within_25_um"] = count_within(points, 25.0)
+    features["nearest_1_distance_um"] = nearest_distance(points)
+
+    def polygons(table: str) -> np.ndarray:
+        cursor.execute(
+            sql.SQL(
+                "SELECT ST_AsBinary(ST_Scale(o.geom, s.mpp_x, s.mpp_y)) FROM {} o "
+                "JOIN slide s ON s.id = o.slide_id WHERE o.slide_id = %s"
+            ).format(sql.Identifier(table)),
+            (slide_id,),
+        )
+        return shapely.from_wkb([bytes(row[0]) for row in cursor.fetchall()])
+
+    return spatial_statistics(
+        points,
+        nuclei["class"].astype(object).to_numpy(),
+        polygons("gland"),
+        polygons("tissue_region"),
+        features,
+    )
 
 
 def _gland_rows(engine: Engine, slide_id: int, lane: int, lanes: int) -> io.BytesIO:

@@ -86,8 +86,8 @@ def spatial_statistics(
 
 
 def cross_k(points: np.ndarray, classes: np.ndarray, names: list[str], area_um2: float) -> dict:
-    """{"A|B": {"10": K_AB(10) / π·10², ...}} for every ordered pair of classes (A = B: Ripley's
-    K, the nucleus itself not counted)."""
+    """{"A|B": {"10_um": K_AB(10) / π·10², ...}} for every ordered pair of classes (A = B:
+    Ripley's K, the nucleus itself not counted)."""
     trees = {c: cKDTree(points[classes == c]) for c in names}
     radii = np.array(CROSS_K_RADII_UM)
     out = {}
@@ -101,7 +101,7 @@ def cross_k(points: np.ndarray, classes: np.ndarray, names: list[str], area_um2:
             ratio = area_um2 * pairs / (max(n_a * n_b, 1) * np.pi * radii**2)
             usable = n_a > 0 and n_b > 0 and area_um2 > 0
             out[f"{a}|{b}"] = {
-                f"{r:g}": float(v) if usable else None for r, v in zip(radii, ratio, strict=True)
+                f"{r:g}_um": float(v) if usable else None for r, v in zip(radii, ratio, strict=True)
             }
     return out
 

@@ -257,6 +257,20 @@ class SlideFeature(Base):
     gland_feature_quantiles: Mapped[dict] = mapped_column(JSONB, nullable=False)
 
 
+class SlideSpatialFeature(Base):
+    """Spatial statistics of a slide's current run (`spatialdb.features.spatial`): densities per
+    compartment, immune infiltration, cross-K, per-class nucleus feature quantiles."""
+
+    __tablename__ = "slide_spatial_feature"
+
+    slide_id: Mapped[int] = mapped_column(
+        ForeignKey("slide.id", ondelete="CASCADE"), primary_key=True
+    )
+    run_id: Mapped[int] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"), nullable=False)
+    computed_at: Mapped[datetime] = _now()
+    statistics: Mapped[dict] = mapped_column(JSONB, nullable=False)
+
+
 class ObjectClass(Base):
     """A class name objects carry, with its display colour (QuPath path class colour)."""
 
@@ -318,4 +332,4 @@ class SlidePrediction(Base):
 
 
 #: Tables of derived features, cleared when a slide's run is replaced.
-FEATURE_TABLES = ("gland_feature", "slide_feature")
+FEATURE_TABLES = ("gland_feature", "slide_feature", "slide_spatial_feature")

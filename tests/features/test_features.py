@@ -41,7 +41,7 @@ STROMA = shapely.MultiPolygon(
 )
 
 
-def load_known_slide(engine, name="known", nuclei_in_bar=0, lanes=None) -> int:
+def load_known_slide(engine, name="known", nuclei_in_bar=0, lanes=None, refresh_features=True):
     bar_nuclei = [shapely.box(400 + 10 * k, 40, 404 + 10 * k, 44) for k in range(nuclei_in_bar)]
     nuclei = [*INSIDE, STRADDLING, *STROMAL, *bar_nuclei]
     classes = INSIDE_CLASSES + ["connective"] * (1 + len(STROMAL)) + ["epithelial"] * nuclei_in_bar
@@ -52,7 +52,8 @@ def load_known_slide(engine, name="known", nuclei_in_bar=0, lanes=None) -> int:
         run.add("lumen", [LUMEN, STRAY_LUMEN], "lumen")
         run.add("tissue_region", [EPITHELIUM, STROMA], ["normal epithelium", "stroma"])
         slide_id = run.commit().slide_id
-    refresh(engine, slide_id)
+    if refresh_features:
+        refresh(engine, slide_id)
     return slide_id
 
 
