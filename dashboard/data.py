@@ -197,6 +197,13 @@ class Reader:
             ids=list(slide_ids),
         )
 
+    def spatial_features(self, slide_ids: list[int]) -> pd.DataFrame:
+        return self.frame(
+            "SELECT s.name AS slide, f.statistics FROM slide_spatial_feature f "
+            "JOIN slide s ON s.id = f.slide_id WHERE f.slide_id = ANY(:ids) ORDER BY f.slide_id",
+            ids=list(slide_ids),
+        )
+
     def slide_features(self, slide_ids: list[int]) -> pd.DataFrame:
         return self.frame(
             "SELECT s.name AS slide, f.* FROM slide_feature f JOIN slide s ON s.id = f.slide_id "

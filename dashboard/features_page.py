@@ -47,6 +47,7 @@ def render(db: Reader, cohort: pd.DataFrame) -> None:
     else:
         distributions(glands)
     nuclear_densities(slides)
+    spatial_statistics(db.spatial_features(chosen))
     nucleus_distributions(db, chosen, labels)
     downloads(db, chosen)
 
@@ -87,6 +88,45 @@ def distributions(glands: pd.DataFrame) -> None:
         .properties(title=f"{y} against {x}", height=350)
     )
     st.altair_chart(scatter, width="stretch")
+
+
+def spatial_statistics(stats: pd.DataFrame) -> None:
+    """Each slide's spatial statistics: nuclear densities in glands, stroma and at the border,
+    immune infiltration of the glands, and cross-K at 25 µm."""
+    st.subheader("Spatial statistics")
+    if stats.empty:
+        st.caption("No spatial statistics yet: run `spatialdb features refresh`.")
+        return
+    density = [
+        {"slide": row.slide, "compartment": place, "class": cls, "per_mm2": value}
+        for row in stats.itertuples()
+        for place, classes in row.statistics["density_per_mm2"].items()
+        for cls, value in classes.items()
+        if value is not None
+    ]
+    if density:
+        chart = (
+            alt.Chart(pd.DataFrame(density))
+            .mark_bar()
+            .encode(alt.X("class:N"), alt.Y("per_mm2:Q", title="nuclei per mm²"),
+                    alt.Color("slide:N"), alt.XOffset("slide:N"), alt.Column("compartment:N"))
+            .properties(title="Nuclear density per compartment", height=250)
+        )  # fmt: skip
+        st.altair_chart(chart)
+    immune = pd.DataFrame(
+        [{"slide": row.slide, **row.statistics["immune"]} for row in stats.itertuples()]
+    ).drop(columns=["classes", "within_um"])
+    st.caption("Immune nuclei inside glands and within 20 µm of them")
+    st.dataframe(immune, hide_index=True)
+    cross = pd.DataFrame(
+        [
+            {"slide": row.slide, "pair (A|B)": pair, "K / πr² at 25 µm": radii.get("25_um")}
+            for row in stats.itertuples()
+            for pair, radii in row.statistics["cross_k"].items()
+        ]
+    )
+    st.caption("Cross-K of class B around class A (1: independent; above 1: B gathers around A)")
+    st.dataframe(cross, hide_index=True)
 
 
 def nucleus_distributions(db: Reader, chosen: list[int], labels: dict) -> None:

@@ -116,7 +116,11 @@ def test_a_slide_without_features_says_so(app, slides):
 def test_features_page_plots_and_offers_downloads(app, slides):
     at = app("Features")
     charts = elements(at, "vega_lite_chart")
-    assert len(charts) >= 5  # histogram, box plot, scatter, nuclear densities, per nucleus
+    assert len(charts) >= 6  # histogram, box, scatter, densities, per compartment, per nucleus
+    assert any("Nuclear density per compartment" in c.proto.spec for c in charts)
+    assert "Spatial statistics" in [h.value for h in at.subheader]
+    tables = [t.value for t in at.dataframe]
+    assert any("inside_glands_per_mm_boundary" in t.columns for t in tables)
     per_nucleus = charts[-1].proto.spec
     assert "delaunay_degree" not in per_nucleus and "area_um2 per nucleus" in per_nucleus
     at.selectbox(key="nucleus_feature").set_value("neighbours_within_25_um").run()
