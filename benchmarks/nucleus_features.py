@@ -5,11 +5,16 @@ Times, in the same run (medians over --repeat, alternating):
   (b) the product's count within 25 µm, scipy's k-d tree (`neighbourhood.count_within`),
   (c) every neighbourhood feature (`neighbourhood.neighbourhood`: 3 radii, 5 nearest, Delaunay
       degree and mean edge, class mix), split into its parts,
+  (f) shape measurements (`morphometry`, as the loader computes them) of --shapes nuclei against
+      scikit-image's `regionprops` on the same nuclei rasterised at level 0 (rasterising not
+      timed), per 1,000 nuclei,
 and once each: (d) PostGIS's count (`nucleus_features(slide, 25)`, one GiST descent per nucleus),
-(e) the whole `features export --level nucleus --format parquet` from the database. (a) and (b)
-must agree nucleus for nucleus. Target: (b) no slower than (a).
+(e) the whole `features export --level nucleus --format parquet` from the database, (g) the same
+as AnnData (.h5ad), (h) the slide's spatial statistics (`refresh.spatial_row`). (a) and (b) must
+agree nucleus for nucleus. Target: (b) no slower than (a).
 
-    python benchmarks/nucleus_features.py [--repeat 3] [--nuclei 1000000] [--no-sql]
+    python benchmarks/nucleus_features.py [--repeat 3] [--nuclei 1000000] [--shapes 20000]
+                                          [--no-sql]
 
 Uses SPATIALDB_URL, or the embedded cluster in SPATIALDB_HOME.
 """
@@ -33,8 +38,10 @@ from synthetic import MPP, gland_slide, load_slide
 
 from spatialdb.features import export as feature_export
 from spatialdb.features import neighbourhood as nb
+from spatialdb.features.refresh import spatial_row
 from spatialdb.store.catalog import delete_slide
 from spatialdb.store.db import connect
+from spatialdb.store.morphometry import ring_shape_measurements
 
 RADIUS_UM = 25.0
 
@@ -43,6 +50,40 @@ def strtree_counts(points_um: np.ndarray) -> np.ndarray:
     points = shapely.points(points_um)
     left, _ = shapely.STRtree(points).query(points, predicate="dwithin", distance=RADIUS_UM)
     return np.bincount(left, minlength=len(points)) - 1
+
+
+def regionprops_baseline(nuclei: np.ndarray):
+    """A label image of the nuclei (level-0 px, each in its own 64 px cell of a grid, so that
+    none overlap) and a function that measures them with `regionprops` as the product does."""
+    from skimage.draw import polygon as raster_polygon
+    from skimage.measure import regionprops
+
+    side = int(np.ceil(np.sqrt(len(nuclei))))
+    labels = np.zeros((side * 64, side * 64), dtype=np.int32)
+    for k, nucleus in enumerate(nuclei):
+        xy = shapely.get_coordinates(nucleus)
+        xy = xy - xy.min(axis=0) + (k % side * 64 + 8, k // side * 64 + 8)
+        rr, cc = raster_polygon(xy[:, 1], xy[:, 0], labels.shape)
+        labels[rr, cc] = k + 1
+
+    def measure():
+        return [
+            (p.area, p.perimeter, p.equivalent_diameter_area, p.axis_major_length,
+             p.axis_minor_length, p.eccentricity, p.orientation, p.solidity, p.extent)
+            for p in regionprops(labels)
+        ]  # fmt: skip
+
+    return measure
+
+
+def product_shapes(nuclei: np.ndarray) -> None:
+    """Shape measurements as the loader computes them: per group of equal point counts, from
+    the rings' coordinates."""
+    counts = shapely.get_num_coordinates(nuclei)
+    for k in np.unique(counts):
+        group = nuclei[counts == k]
+        rings = shapely.get_coordinates(group).reshape(len(group), k, 2)
+        ring_shape_measurements(rings, group, MPP, MPP)
 
 
 def timed(fn, *args):
@@ -55,7 +96,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--nuclei", type=int, default=1_000_000)
-    parser.add_argument("--no-sql", action="store_true", help="skip (d) and (e)")
+    parser.add_argument("--shapes", type=int, default=20_000, help="nuclei measured in (f)")
+    parser.add_argument("--no-sql", action="store_true", help="skip (d), (e), (g) and (h)")
     args = parser.parse_args()
 
     objects = gland_slide(glands=10_000, lumina=15_000, nuclei=args.nuclei)
@@ -71,6 +113,12 @@ def main() -> None:
         "    5 nearest": lambda: nb._nearest(cKDTree(points), points),
         "    Delaunay degree + edge": lambda: nb._delaunay(points),
     }
+    sample = nuclei[: args.shapes]
+    shape_parts = {
+        "(f) shape measurements, product": lambda: product_shapes(sample),
+        "(f') regionprops, same nuclei": regionprops_baseline(sample),
+    }
+    parts |= shape_parts
     runs = {name: [] for name in parts}
     for _ in range(args.repeat):
         for name, fn in parts.items():
@@ -85,7 +133,12 @@ def main() -> None:
     print(f"{len(points):,} nuclei, medians of {args.repeat} alternating runs")
     print("| what | s | / (a) |\n|---|---:|---:|")
     for name, seconds in median.items():
-        print(f"| {name} | {seconds:.2f} | {seconds / a:.2f} |")
+        if name not in shape_parts:
+            print(f"| {name} | {seconds:.2f} | {seconds / a:.2f} |")
+    product, skimage = (median[name] * 1000 / len(sample) for name in shape_parts)
+    print(f"\nshape measurements of {len(sample):,} nuclei, per 1,000 nuclei: product "
+          f"{product * 1000:.1f} ms, regionprops {skimage * 1000:.1f} ms "
+          f"(regionprops / product = {skimage / product:.1f})")  # fmt: skip
 
     if args.no_sql:
         return
@@ -104,6 +157,15 @@ def main() -> None:
                 feature_export.export, engine, "nucleus", "parquet", Path(tmp) / "n.parquet",
                 [slide_id],
             )  # fmt: skip
+            anndata_s, _ = timed(
+                feature_export.export, engine, "nucleus", "anndata", Path(tmp) / "n.h5ad",
+                [slide_id],
+            )  # fmt: skip
+        raw = engine.raw_connection()
+        try:
+            spatial_s, _ = timed(spatial_row, raw.cursor(), slide_id)
+        finally:
+            raw.close()
     finally:
         delete_slide(engine, slide_id)
     print(f"| (d) PostGIS count 25 um (nucleus_features) | {sql_s:.2f} | {sql_s / a:.2f} |")
@@ -111,6 +173,8 @@ def main() -> None:
         f"| (e) nucleus export to Parquet, {result.rows:,} rows x {len(result.columns)} columns "
         f"| {export_s:.2f} | {export_s / a:.2f} |"
     )
+    print(f"| (g) the same as AnnData (.h5ad) | {anndata_s:.2f} | {anndata_s / a:.2f} |")
+    print(f"| (h) slide spatial statistics | {spatial_s:.2f} | {spatial_s / a:.2f} |")
 
 
 if __name__ == "__main__":
