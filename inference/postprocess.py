@@ -36,7 +36,7 @@ def nuclei_instances_hv(
     probs: np.ndarray,
     hv: np.ndarray,
     foreground_threshold: float = 0.5,
-    slope_threshold: float = 0.05,
+    slope_threshold: float = 0.0,
     sobel_px: int = 11,
     min_area_px: int = 10,
 ) -> np.ndarray:

@@ -22,7 +22,7 @@ POSTPROCESS = {
     "min_area_um2": {"Gland": 600.0, "Lumen": 10.0, "Nuclei": 3.0},
     # Nuclei from distance maps (weights with a `Nuclei-HV` output): see
     # `postprocess.nuclei_instances_hv`.
-    "hv_slope_threshold": 0.05,
+    "hv_slope_threshold": 0.0,
     "hv_sobel_px": 11,
 }
 SEGMENTATION_HEADS = {"Gland": "Gland-INST", "Lumen": "Lumen-INST", "Nuclei": "Nuclei-INST"}
