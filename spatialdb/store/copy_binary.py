@@ -1,11 +1,11 @@
 """PostgreSQL binary COPY encoding of object rows, vectorised with numpy.
 
 A row is a fixed-width record (ids, measurements, centroid WKB, class name, geometry header)
-followed by the geometry. Rows are sorted into layout groups (class, probability known or not,
-and for hole-free polygons the ring's point count) so that all rows of a group have one byte
-layout: a group is then a 2-D byte array, records in the first columns and coordinates in the
-rest, measured and written with numpy alone. Other shapes (holes, multipolygons) go through
-shapely's measurements and WKB writer, one group per class.
+followed by the geometry. Rows are sorted into layout groups (class, which of the probability and
+the optional measurements are known, and for hole-free polygons the ring's point count) so that
+all rows of a group have one byte layout: a group is then a 2-D byte array, records in the first
+columns and coordinates in the rest, measured and written with numpy alone. Other shapes (holes,
+multipolygons) go through shapely's measurements and WKB writer, one group per class.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import queue
 import struct
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from itertools import chain
 
 import numpy as np
@@ -32,7 +32,7 @@ from spatialdb.store.morphometry import MORPHOMETRY, ring_shape_measurements, sh
 HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 TRAILER = struct.pack(">h", -1)
 
-#: Column order of the encoded rows (the COPY column list).
+#: Column order of the encoded rows (the COPY column list), without optional measurements.
 OBJECT_COLUMNS = (
     "slide_id",
     "id",
@@ -68,6 +68,8 @@ class ObjectRows:
     geoms: np.ndarray  # valid shapely polygons or multipolygons, level-0 px
     mpp_x: float
     mpp_y: float
+    #: Optional per-object measurements (column -> float64 values, NaN = unknown = NULL).
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
     def take(self, index: np.ndarray) -> ObjectRows:
         return replace(
@@ -77,7 +79,14 @@ class ObjectRows:
             probability=self.probability[index],
             class_codes=self.class_codes[index],
             geoms=self.geoms[index],
+            extra={name: values[index] for name, values in self.extra.items()},
         )
+
+
+def copy_columns(extra: Iterable[str] = ()) -> tuple[str, ...]:
+    """The COPY column list of rows with these optional measurements (after the shape ones)."""
+    at = OBJECT_COLUMNS.index("centroid")
+    return (*OBJECT_COLUMNS[:at], *extra, *OBJECT_COLUMNS[at:])
 
 
 def encode(rows: ObjectRows, *, prove_validity: bool = False) -> tuple[bytes, np.ndarray]:
@@ -109,7 +118,7 @@ def _encode_simple(rows: ObjectRows, prove: bool) -> Iterator[tuple[bytes, np.nd
     points = points[bounds.order]
     coords = shapely.get_coordinates(rows.geoms)
     point_start = np.concatenate([[0], np.cumsum(points)])
-    for (name, with_probability), b, e in zip(keys, bounds.starts, bounds.ends, strict=True):
+    for (name, with_probability, known), b, e in zip(keys, bounds.starts, bounds.ends, strict=True):
         k = int(points[b])
         rings = coords[point_start[b] : point_start[e]].reshape(e - b, k, 2)
         ok = star_shaped_rings(rings) if prove else np.ones(e - b, dtype=bool)
@@ -121,7 +130,9 @@ def _encode_simple(rows: ObjectRows, prove: bool) -> Iterator[tuple[bytes, np.nd
         rings = rings[ok] if not ok.all() else rings
         area, perimeter, cx, cy = ring_measurements(rings, rows.mpp_x, rows.mpp_y)
         shape = ring_shape_measurements(rings, rows.geoms[sel], rows.mpp_x, rows.mpp_y)
-        record = _records(rows, sel, name, with_probability, area, perimeter, cx, cy, shape, k)
+        record = _records(
+            rows, sel, name, with_probability, known, area, perimeter, cx, cy, shape, k
+        )
         record["l_geom"] = _POLYGON_HEADER + 16 * k
         record["g_order"], record["g_type"], record["g_rings"] = 1, _WKB_POLYGON, 1
         record["g_points"] = k
@@ -137,13 +148,14 @@ def _encode_other(rows: ObjectRows) -> Iterator[bytes]:
     area, perimeter, cx, cy = measurements(rows.geoms, rows.mpp_x, rows.mpp_y)
     shape = shape_measurements(rows.geoms, rows.mpp_x, rows.mpp_y)
     wkb = shapely.to_wkb(rows.geoms, byte_order=_LITTLE_ENDIAN, output_dimension=2)
-    for (name, with_probability), b, e in zip(keys, bounds.starts, bounds.ends, strict=True):
+    for (name, with_probability, known), b, e in zip(keys, bounds.starts, bounds.ends, strict=True):
         sel = np.arange(b, e)
         record = _records(
             rows,
             sel,
             name,
             with_probability,
+            known,
             area[sel],
             perimeter[sel],
             cx[sel],
@@ -164,24 +176,36 @@ class _Bounds:
 
 
 def _grouped(rows: ObjectRows, layout: np.ndarray) -> tuple[ObjectRows, list, _Bounds]:
-    """Rows sorted by (class, probability known, layout); each group's key and extent."""
+    """Rows sorted by (class, probability known, optional measurements known, layout); each
+    group's key (class name, probability known, the optional measurements known) and extent."""
     class_code = rows.class_codes
     known = ~np.isnan(rows.probability)
-    order = np.lexsort((layout, known, class_code))
-    key = np.stack([class_code[order], known[order], layout[order]], axis=1)
+    measured = np.zeros(len(class_code), dtype=np.int64)  # bit j: the j-th extra is known
+    for j, values in enumerate(rows.extra.values()):
+        measured |= (~np.isnan(values)).astype(np.int64) << j
+    order = np.lexsort((layout, measured, known, class_code))
+    key = np.stack([class_code[order], known[order], measured[order], layout[order]], axis=1)
     change = np.flatnonzero(np.any(key[1:] != key[:-1], axis=1)) + 1
     starts = np.concatenate([[0], change]).astype(np.int64) if len(key) else np.array([], int)
     ends = np.concatenate([change, [len(key)]]).astype(np.int64) if len(key) else starts
-    keys = [(rows.class_names[key[b, 0]].encode(), bool(key[b, 1])) for b in starts]
+    names = list(rows.extra)
+    keys = [
+        (
+            rows.class_names[key[b, 0]].encode(),
+            bool(key[b, 1]),
+            tuple(n for j, n in enumerate(names) if key[b, 2] >> j & 1),
+        )
+        for b in starts
+    ]
     return rows.take(order), keys, _Bounds(order, starts, ends)
 
 
-def _records(rows, sel, name, with_probability, area, perimeter, cx, cy, shape, points=None):
-    """The fixed-width part of rows `sel`, up to the geometry's length (and WKB header)."""
-    record = np.zeros(
-        len(sel), dtype=_record_dtype(with_probability, len(name), points is not None)
-    )
-    record["nfields"] = len(OBJECT_COLUMNS)
+def _records(rows, sel, name, with_probability, known, area, perimeter, cx, cy, shape, points=None):
+    """The fixed-width part of rows `sel`, up to the geometry's length (and WKB header); of the
+    optional measurements, those in `known` are written and the others are NULL."""
+    dtype = _record_dtype(with_probability, len(name), points is not None, list(rows.extra), known)
+    record = np.zeros(len(sel), dtype=dtype)
+    record["nfields"] = len(OBJECT_COLUMNS) + len(rows.extra)
     record["l_slide"], record["slide_id"] = 4, rows.slide_id
     record["l_id"], record["id"] = 8, rows.ids[sel]
     record["l_run"], record["run_id"] = 4, rows.run_id
@@ -194,13 +218,24 @@ def _records(rows, sel, name, with_probability, area, perimeter, cx, cy, shape, 
     record["l_perimeter"], record["perimeter_um"] = 8, perimeter
     for key in MORPHOMETRY:
         record[f"l_{key}"], record[key] = 8, shape[key]
+    for key, values in rows.extra.items():
+        if key in known:
+            record[f"l_{key}"], record[key] = 8, values[sel]
+        else:
+            record[f"l_{key}"] = -1  # NULL
     record["l_centroid"], record["c_order"], record["c_type"] = _POINT_SIZE, 1, _WKB_POINT
     record["cx"], record["cy"] = cx, cy
     record["l_class"], record["class"] = len(name), name
     return record
 
 
-def _record_dtype(with_probability: bool, class_len: int, polygon_header: bool) -> np.dtype:
+def _record_dtype(
+    with_probability: bool,
+    class_len: int,
+    polygon_header: bool,
+    extra: list[str] = (),
+    known: tuple[str, ...] = (),
+) -> np.dtype:
     fields = [
         ("nfields", ">i2"),
         ("l_slide", ">i4"), ("slide_id", ">i4"),
@@ -212,6 +247,7 @@ def _record_dtype(with_probability: bool, class_len: int, polygon_header: bool) 
         ("l_area", ">i4"), ("area_um2", ">f8"),
         ("l_perimeter", ">i4"), ("perimeter_um", ">f8"),
         *_MORPHOMETRY_FIELDS,
+        *_optional_fields(extra, known),
         ("l_centroid", ">i4"), ("c_order", "u1"), ("c_type", "<u4"), ("cx", "<f8"), ("cy", "<f8"),
         ("l_class", ">i4"), ("class", f"S{class_len}"),
         ("l_geom", ">i4"),
@@ -219,6 +255,13 @@ def _record_dtype(with_probability: bool, class_len: int, polygon_header: bool) 
           if polygon_header else []),
     ]  # fmt: skip
     return np.dtype(fields)
+
+
+def _optional_fields(extra, known) -> list[tuple[str, str]]:
+    """Length and value of each optional measurement; a NULL one has its length alone."""
+    return [
+        f for key in extra for f in [(f"l_{key}", ">i4"), (key, ">f8")][: 2 if key in known else 1]
+    ]
 
 
 class CopyStream(io.RawIOBase):

@@ -54,7 +54,7 @@ from spatialdb.store.catalog import (
     upsert_model,
     upsert_slide,
 )
-from spatialdb.store.copy_binary import OBJECT_COLUMNS, CopyStream, ObjectRows, encode
+from spatialdb.store.copy_binary import CopyStream, ObjectRows, copy_columns, encode
 from spatialdb.store.db import rollback_or_discard
 from spatialdb.store.geometry import Prepared, prepare_polygons
 from spatialdb.store.schema import (
@@ -62,6 +62,7 @@ from spatialdb.store.schema import (
     FEATURE_TABLES,
     OBJECT_MODELS,
     OBJECT_TABLES,
+    OPTIONAL_MEASUREMENTS,
     RUN_KINDS,
 )
 
@@ -251,12 +252,19 @@ class RunWriter:
 
     # -- loading --------------------------------------------------------------------------------
 
-    def add(self, table: str, geoms, classes, probability=None, uuids=None) -> int:
+    def add(
+        self, table: str, geoms, classes, probability=None, uuids=None, measurements=None
+    ) -> int:
         """Load objects of one table: shapely geometries in level-0 pixels, a class per object
-        (or one for all), optional probabilities (NaN = unknown) and UUIDs (kept if given).
-        Returns how many were stored after repair."""
+        (or one for all), optional probabilities (NaN = unknown), UUIDs (kept if given) and
+        measurements of the table's optional columns (`OPTIONAL_MEASUREMENTS`; name -> values,
+        NaN = unknown). Returns how many were stored after repair."""
         if table not in OBJECT_MODELS:
             raise ValueError(f"unknown object table {table!r}; expected one of {OBJECT_TABLES}")
+        measurements = dict(measurements or {})
+        unknown = set(measurements) - set(OPTIONAL_MEASUREMENTS.get(table, ()))
+        if unknown:
+            raise ValueError(f"{table} has no measurement columns {sorted(unknown)}")
         started = time.perf_counter()
         geoms = np.asarray(geoms, dtype=object)
         n = len(geoms)
@@ -270,6 +278,9 @@ class RunWriter:
             else _per_object(probability, n).astype(np.float32)
         )
         uuids = _uuid_bytes(uuids, n)
+        measurements = {k: np.asarray(v, dtype=np.float64) for k, v in measurements.items()}
+        if any(len(v) != n for v in measurements.values()):
+            raise ValueError("measurements need one value per object")
         multi = OBJECT_MODELS[table].geometry_type != "POLYGON"
 
         # Chunks go to the lanes in turn; each lane numbers its objects in its own id block.
@@ -294,6 +305,7 @@ class RunWriter:
                 geoms=geoms[part],
                 mpp_x=self.slide.mpp_x,
                 mpp_y=self.slide.mpp_y,
+                extra={k: v[part] for k, v in measurements.items()},
             )
             # Shapes proven valid cheaply are encoded at once; GEOS checks and repairs the rest.
             if multi:  # every shape becomes a multipolygon through the checked path
@@ -313,7 +325,7 @@ class RunWriter:
             stored = Counter({c: int(k) for c, k in zip(class_names, counts, strict=True) if k})
             return proven + checked, prepared, stored
 
-        columns = sql.SQL(", ").join(map(sql.Identifier, OBJECT_COLUMNS))
+        columns = sql.SQL(", ").join(map(sql.Identifier, copy_columns(measurements)))
         reports: list[tuple[Prepared, Counter]] = []
 
         def copy_lane(k: int) -> None:

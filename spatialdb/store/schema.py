@@ -30,6 +30,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column
 
+from inference.intensity import INTENSITY
+
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -176,6 +178,10 @@ class ObjectColumns:
 
 class Nucleus(ObjectColumns, Base):
     __tablename__ = "nucleus"
+
+    # Stain intensity of each segmented nucleus (`inference.intensity`): 20 columns named in
+    # INTENSITY (a class body's namespace takes them), empty for imported nuclei.
+    vars().update({name: mapped_column(Double, nullable=True) for name in INTENSITY})
 
 
 class Gland(ObjectColumns, Base):
@@ -330,6 +336,9 @@ class SlidePrediction(Base):
     details: Mapped[dict] = mapped_column(JSONB, nullable=False, server_default="{}")
     created_at: Mapped[datetime] = _now()
 
+
+#: Per table, the measurement columns a load may fill (`RunWriter.add(measurements=...)`).
+OPTIONAL_MEASUREMENTS = {"nucleus": INTENSITY}
 
 #: Tables of derived features, cleared when a slide's run is replaced.
 FEATURE_TABLES = ("gland_feature", "slide_feature", "slide_spatial_feature")

@@ -312,3 +312,37 @@ def test_process_killed_mid_load_leaves_nothing(engine, db_url, tmp_path, stage)
         fetch(engine, "SELECT count(*) AS n FROM nucleus WHERE run_id = :r", r=rerun.run_id)[0]["n"]
         == 50
     )
+
+
+def test_optional_measurements_are_stored_and_nan_is_null(engine):
+    nuclei = blobs(300, seed=5)
+    mean = np.linspace(0.1, 0.9, 300)
+    ring = mean * 2
+    ring[::4] = np.nan  # e.g. a nucleus walled in by others has no cytoplasm ring
+    result = load(
+        engine,
+        make_slide("measured"),
+        {
+            "nucleus": (
+                nuclei,
+                "epithelial",
+                None,
+                None,
+                {"haematoxylin_od_mean": mean, "cytoplasm_haematoxylin_od_mean": ring},
+            )
+        },
+    )
+    rows = fetch(
+        engine,
+        "SELECT haematoxylin_od_mean AS h, cytoplasm_haematoxylin_od_mean AS ring, eosin_od_mean "
+        "AS e, ST_AsBinary(geom) AS wkb FROM nucleus WHERE slide_id = :s",
+        s=result.slide_id,
+    )
+    assert len(rows) == 300
+    for row in rows:
+        i = next(k for k in range(300) if mean[k] == pytest.approx(row["h"], abs=1e-12))
+        assert shapely.equals_exact(shapely.from_wkb(bytes(row["wkb"])), nuclei[i], tolerance=0)
+        assert row["ring"] is None if np.isnan(ring[i]) else row["ring"] == ring[i]
+        assert row["e"] is None  # not given: empty
+    with pytest.raises(ValueError, match="no measurement columns"):
+        load(engine, make_slide("bad"), {"gland": (nuclei[:2], "gland", None, None, {"x": [1, 2]})})
