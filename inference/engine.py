@@ -118,6 +118,7 @@ def segment_slide(
         "nucleus_types": list(info.classes["Nuclei#TYPE"]),
         "gland_types": list(info.classes["Gland#TYPE"]),
         "hv": preset.nucleus_hv,
+        "intensity": True,
     }
     tiles, tile_classes = {}, {}
     if sched.order:
@@ -151,7 +152,7 @@ def segment_slide(
                         name: head[i].transpose(2, 0, 1)
                         for name, head in zip(model.spatial_heads, heads, strict=True)
                     }
-                    tiles[rc] = tiling.reduce_tile(maps)
+                    tiles[rc] = tiling.reduce_tile(maps, kept_rgb(batch["image"][i], preset))
                     tile_classes[rc] = classes[i]
                 done += len(classes)
                 if progress:
@@ -171,6 +172,15 @@ def segment_slide(
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
     yield tiling.tissue_regions(grid, tile_classes, tissue.mask, list(info.classes["Patch-Class"]))
+
+
+def kept_rgb(patch, preset) -> np.ndarray:
+    """The RGB pixels of a patch (H, W, 3) under its kept output, as (3, out, out) uint8."""
+    margin = (preset.input_size - preset.output_size) // 2
+    kept = np.asarray(patch)[
+        margin : margin + preset.output_size, margin : margin + preset.output_size
+    ]
+    return kept.transpose(2, 0, 1).astype(np.uint8)
 
 
 def _die_with(parent: int) -> None:

@@ -13,12 +13,16 @@ within `RING_UM` of it that belong to no nucleus.
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
+from skimage.color import hed_from_rgb
+
+from inference.targets import disk
 
 RING_UM = 2.0
 STAINS = ("haematoxylin", "eosin")
 STATISTICS = ("mean", "std", "q10", "q50", "q90")
-#: Column names, in the order `nucleus_intensity` returns them (the nucleus table's columns; this
-#: module imports scipy and scikit-image only when it computes, so the schema can import it).
+#: Names of the measurements, in the order `nucleus_intensity` returns them (the nucleus table's
+#: `INTENSITY_COLUMNS` in spatialdb, which may not import this package; a test keeps them equal).
 INTENSITY = tuple(
     f"{place}{stain}_od_{stat}"
     for place in ("", "cytoplasm_")
@@ -29,8 +33,6 @@ INTENSITY = tuple(
 
 def stain_od(rgb: np.ndarray) -> np.ndarray:
     """Haematoxylin and eosin optical density of (..., 3) uint8 RGB pixels, as (..., 2) float32."""
-    from skimage.color import hed_from_rgb
-
     od = -np.log10(np.maximum(rgb, 1).astype(np.float32) / 255)
     return (od @ hed_from_rgb[:, :2].astype(np.float32)).astype(np.float32)
 
@@ -38,10 +40,6 @@ def stain_od(rgb: np.ndarray) -> np.ndarray:
 def nucleus_intensity(labels: np.ndarray, rgb: np.ndarray, ring_px: int) -> dict[str, np.ndarray]:
     """`INTENSITY` of the nuclei 1..labels.max() of a label image over (H, W, 3) RGB pixels, each
     an array indexed by label - 1 (NaN where a nucleus has no ring)."""
-    from scipy import ndimage
-
-    from inference.targets import disk
-
     n = int(labels.max())
     stains = stain_od(rgb)
     grown = ndimage.grey_dilation(labels, footprint=disk(ring_px)) if n else labels

@@ -10,7 +10,8 @@ that touch the window edge are counted as `truncated`).
 
 Regions are visited row by row and tiles are inferred in the order the regions need them, so
 only the tiles still needed by a later region (about 2 × margin rows of tiles) are held, as
-8 uint8 channels per pixel (`CHANNELS`).
+11 uint8 channels per pixel (`CHANNELS`): the heads' outputs and the tile's own RGB pixels,
+from which each nucleus's stain intensity is measured (`inference.intensity`).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ import shapely
 from scipy import ndimage
 from shapely.geometry import MultiPolygon, Polygon
 
+from inference.intensity import RING_UM, nucleus_intensity
 from inference.network import NUCLEI_HV
 from inference.postprocess import majority_types, type_map
 from inference.predict import instances
 
-#: Per-pixel channels kept of each tile output, as uint8 (probabilities × 255, a type index, or
-#: a distance map's value in [-1, 1] as (value + 1) × 127.5; zero for weights without them).
+#: Per-pixel channels kept of each tile output, as uint8 (probabilities × 255, a type index, a
+#: distance map's value in [-1, 1] as (value + 1) × 127.5, zero for weights without them; the
+#: slide's RGB pixels).
 CHANNELS = (
     "gland_inner",
     "lumen_inner",
@@ -38,6 +41,9 @@ CHANNELS = (
     "gland_type",
     "nuclei_h",
     "nuclei_v",
+    "red",
+    "green",
+    "blue",
 )
 #: The leading CHANNELS that hold probabilities (the rest are type indices).
 PROBABILITY_CHANNELS = 4
@@ -55,6 +61,7 @@ class Objects:
     geoms: list
     classes: list[str]
     probability: np.ndarray
+    measurements: dict[str, np.ndarray] = field(default_factory=dict)  # per object, as geoms
 
     def __len__(self) -> int:
         return len(self.geoms)
@@ -165,8 +172,9 @@ def schedule(grid: Grid, plan: list[Region]) -> Schedule:
     return Schedule(order, ready_after, last_use)
 
 
-def reduce_tile(heads: dict[str, np.ndarray]) -> np.ndarray:
-    """The `CHANNELS` of one tile from its head outputs (C, h, w) as (8, h, w) uint8."""
+def reduce_tile(heads: dict[str, np.ndarray], rgb: np.ndarray | None = None) -> np.ndarray:
+    """The `CHANNELS` of one tile from its head outputs (C, h, w) and its RGB pixels (3, h, w)
+    as (11, h, w) uint8 (RGB zero when not given)."""
 
     def u8(p):
         return np.clip(np.rint(p.astype(np.float32) * 255), 0, 255).astype(np.uint8)
@@ -183,11 +191,13 @@ def reduce_tile(heads: dict[str, np.ndarray]) -> np.ndarray:
         type_map(heads["Gland-TYPE"]),
         *distance,
     ]
+    if rgb is not None:
+        tile[8:11] = rgb
     return tile
 
 
 def assemble(grid: Grid, region: Region, tiles: dict) -> tuple[np.ndarray, tuple[int, int]]:
-    """The region's window as one (8, H, W) array, cropped to the slide, and its top-left (y, x)
+    """The region's window as one (11, H, W) array, cropped to the slide, and its top-left (y, x)
     in model pixels. Outside the tissue mask it is zero: no objects on glass, and none cut off
     by the edge of the inferred tiles."""
     r0, r1, c0, c1 = region.window
@@ -223,6 +233,7 @@ class RegionJob:
     nucleus_types: list[str]
     gland_types: list[str]
     hv: bool = False  # the window's distance-map channels hold the weights' `Nuclei-HV`
+    intensity: bool = False  # the window's RGB channels hold the slide's pixels
 
 
 def region_job(grid: Grid, region: Region, tiles: dict, **fields) -> RegionJob:
@@ -260,7 +271,13 @@ def process_region(job: RegionJob) -> tuple[list[Objects], dict]:
     types = majority_types(nuclei, job.window[4][crop], len(job.nucleus_types))
     classes = [job.nucleus_types[types[i][0]] if i in types else "nucleus" for i in kept]
     prob = np.array([types[i][1] if i in types else np.nan for i in kept], np.float32)
-    out.append(Objects("Nuclei", geoms, classes, prob))
+    measured = {}
+    if job.intensity and kept:
+        rgb = job.window[(slice(8, 11), *crop)].transpose(1, 2, 0)
+        ring_px = max(1, round(RING_UM / job.mpp))
+        index = np.array(kept) - 1
+        measured = {k: v[index] for k, v in nucleus_intensity(nuclei, rgb, ring_px).items()}
+    out.append(Objects("Nuclei", geoms, classes, prob, measured))
 
     truncated = 0
     border = _window_border(regions_["Gland"], job)

@@ -24,6 +24,7 @@ from sqlalchemy import Engine
 from spatialdb.errors import UserError
 from spatialdb.store.db import rollback_or_discard
 from spatialdb.store.morphometry import MORPHOMETRY
+from spatialdb.store.schema import INTENSITY_COLUMNS
 
 LEVELS = ("gland", "nucleus", "slide")
 FORMATS = ("csv", "parquet", "geoparquet", "anndata")
@@ -397,7 +398,7 @@ def _write_anndata(raw, table, slide_ids: list[int], path: Path) -> None:
 
 
 def _neighbourhood_columns(raw, slide_id: int, classes: list[str], radius_um: float) -> dict:
-    """The slide's nuclei's shape measurements and neighbourhood features in nucleus id order,
+    """The slide's nuclei's shape, stain intensity and neighbourhood features in nucleus id order,
     and the count within `--radius` (`neighbours_within_radius`, `radius_um`)."""
     import numpy as np
 
@@ -408,7 +409,8 @@ def _neighbourhood_columns(raw, slide_id: int, classes: list[str], radius_um: fl
         found = read_nuclei(cur, slide_id)
     centroids = found[["x_um", "y_um"]].to_numpy(dtype=float).reshape(-1, 2)
     names = found["class"].astype(object).to_numpy()
-    columns = {name: found[name].to_numpy(dtype=float) for name in MORPHOMETRY} | {
+    measured = (*MORPHOMETRY, *INTENSITY_COLUMNS)
+    columns = {name: found[name].to_numpy(dtype=float) for name in measured} | {
         "neighbours_within_radius": count_within(centroids, radius_um),
         "radius_um": np.full(len(centroids), float(radius_um)),
     }

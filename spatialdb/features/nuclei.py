@@ -1,5 +1,5 @@
 """A slide's nuclei as columns, streamed out of the server by COPY into Arrow: centroids in µm,
-class, area and shape measurements, in nucleus id order (the order of the nucleus export)."""
+class, area, shape and stain intensity, in nucleus id order (the order of the nucleus export)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import io
 import pandas as pd
 
 from spatialdb.store.morphometry import MORPHOMETRY
+from spatialdb.store.schema import INTENSITY_COLUMNS
 
-MEASURED = ("area_um2", *MORPHOMETRY)
+#: The stored measurements read with the centroids: area, shape and stain intensity.
+MEASURED = ("area_um2", *MORPHOMETRY, *INTENSITY_COLUMNS)
 
 
 def read_nuclei(cursor, slide_id: int) -> pd.DataFrame:

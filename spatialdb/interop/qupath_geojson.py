@@ -60,11 +60,18 @@ SHAPE = {
     "Orientation °": "o.orientation_deg", "Circularity": "o.circularity",
     "Solidity": "o.solidity", "Extent": "o.extent",
 }  # fmt: skip
+#: Stain intensity of segmented nuclei, named as QuPath's cell detection names its own.
+INTENSITY = {
+    f"{place}: {stain} OD {label}": f"o.{prefix}{column}_od_{stat}"
+    for place, prefix in (("Nucleus", ""), ("Cytoplasm", "cytoplasm_"))
+    for stain, column in (("Hematoxylin", "haematoxylin"), ("Eosin", "eosin"))
+    for label, stat in (("mean", "mean"), ("std dev", "std"), ("median", "q50"))
+}
 #: QuPath measurement name -> SQL expression, per table (`o` the object, `f` its gland features).
 #: Glands keep their Feret axes, circularity and solidity from the gland features.
 MEASUREMENTS = {
     "nucleus": {
-        "Area µm^2": "o.area_um2", "Perimeter µm": "o.perimeter_um", **SHAPE,
+        "Area µm^2": "o.area_um2", "Perimeter µm": "o.perimeter_um", **SHAPE, **INTENSITY,
         "Probability": "o.probability",
     },
     "gland": {

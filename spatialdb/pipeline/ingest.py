@@ -231,7 +231,12 @@ def _flush(run, table: str, pending: list) -> float:
     if geoms:
         classes = [c for o in pending for c in o.classes]
         probability = np.concatenate([o.probability for o in pending])
-        run.add(table, geoms, classes, probability)
+        measured = [o.measurements for o in pending if len(o.geoms)]
+        names = set(measured[0]) if measured else set()
+        if not all(set(m) == names for m in measured):
+            raise ValueError(f"{table}: regions measured different columns")
+        measurements = {n: np.concatenate([m[n] for m in measured]) for n in sorted(names)}
+        run.add(table, geoms, classes, probability, measurements=measurements)
     pending.clear()
     return time.perf_counter() - started
 

@@ -30,8 +30,6 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column
 
-from inference.intensity import INTENSITY
-
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -176,12 +174,21 @@ class ObjectColumns:
         )
 
 
+#: Stain intensity of a segmented nucleus (measured by `inference.intensity`, whose names these
+#: are): haematoxylin and eosin optical density in the nucleus and its cytoplasm ring.
+INTENSITY_COLUMNS = tuple(
+    f"{place}{stain}_od_{stat}"
+    for place in ("", "cytoplasm_")
+    for stain in ("haematoxylin", "eosin")
+    for stat in ("mean", "std", "q10", "q50", "q90")
+)
+
+
 class Nucleus(ObjectColumns, Base):
     __tablename__ = "nucleus"
 
-    # Stain intensity of each segmented nucleus (`inference.intensity`): 20 columns named in
-    # INTENSITY (a class body's namespace takes them), empty for imported nuclei.
-    vars().update({name: mapped_column(Double, nullable=True) for name in INTENSITY})
+    # The INTENSITY_COLUMNS (a class body's namespace takes them), empty for imported nuclei.
+    vars().update({name: mapped_column(Double, nullable=True) for name in INTENSITY_COLUMNS})
 
 
 class Gland(ObjectColumns, Base):
@@ -338,7 +345,7 @@ class SlidePrediction(Base):
 
 
 #: Per table, the measurement columns a load may fill (`RunWriter.add(measurements=...)`).
-OPTIONAL_MEASUREMENTS = {"nucleus": INTENSITY}
+OPTIONAL_MEASUREMENTS = {"nucleus": INTENSITY_COLUMNS}
 
 #: Tables of derived features, cleared when a slide's run is replaced.
 FEATURE_TABLES = ("gland_feature", "slide_feature", "slide_spatial_feature")

@@ -8,6 +8,11 @@ import pytest
 from skimage.color import rgb2hed
 
 from inference.intensity import INTENSITY, nucleus_intensity, stain_od
+from spatialdb.store.schema import INTENSITY_COLUMNS
+
+
+def test_the_names_are_the_nucleus_tables_columns():
+    assert INTENSITY == INTENSITY_COLUMNS
 
 
 def test_colour_deconvolution_agrees_with_scikit_image():
