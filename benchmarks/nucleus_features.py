@@ -8,6 +8,9 @@ Times, in the same run (medians over --repeat, alternating):
   (f) shape measurements (`morphometry`, as the loader computes them) of --shapes nuclei against
       scikit-image's `regionprops` on the same nuclei rasterised at level 0 (rasterising not
       timed), per 1,000 nuclei,
+  (i) stain intensity (`inference.intensity`: haematoxylin and eosin density, mean, std and 3
+      percentiles, in each nucleus and its 2 µm cytoplasm ring) of the same nuclei over an H&E-like
+      image, against `rgb2hed` and `regionprops` with the same statistics,
 and once each: (d) PostGIS's count (`nucleus_features(slide, 25)`, one GiST descent per nucleus),
 (e) the whole `features export --level nucleus --format parquet` from the database, (g) the same
 as AnnData (.h5ad), (h) the slide's spatial statistics (`refresh.spatial_row`). (a) and (b) must
@@ -36,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from synthetic import MPP, gland_slide, load_slide
 
+from inference.intensity import RING_UM, nucleus_intensity
 from spatialdb.features import export as feature_export
 from spatialdb.features import neighbourhood as nb
 from spatialdb.features.refresh import spatial_row
@@ -72,6 +76,35 @@ def regionprops_baseline(nuclei: np.ndarray):
              p.axis_minor_length, p.eccentricity, p.orientation, p.solidity, p.extent)
             for p in regionprops(labels)
         ]  # fmt: skip
+
+    return labels, measure
+
+
+def stained(labels: np.ndarray) -> np.ndarray:
+    """An H&E-like RGB image: purple nuclei on pink cytoplasm, with noise."""
+    rng = np.random.default_rng(0)
+    rgb = np.where(labels[..., None] > 0, (80, 60, 150), (230, 150, 190)).astype(np.float32)
+    return np.clip(rgb + rng.normal(0, 12, rgb.shape), 1, 255).astype(np.uint8)
+
+
+def regionprops_intensity(labels: np.ndarray, rgb: np.ndarray, ring_px: int):
+    """The same statistics with scikit-image: `rgb2hed`, a grown label image for the rings, and
+    `regionprops` (mean, std and the percentiles as an extra property) over both."""
+    from skimage.color import rgb2hed
+    from skimage.measure import regionprops
+    from skimage.segmentation import expand_labels
+
+    def quantiles(mask, values):
+        return np.quantile(values[mask], [0.1, 0.5, 0.9], axis=0)
+
+    def measure():
+        he = rgb2hed(rgb)[..., :2] * 6
+        ring = np.where(labels == 0, expand_labels(labels, ring_px), 0)
+        return [
+            (p.intensity_mean, p.intensity_std, p.quantiles)
+            for owner in (labels, ring)
+            for p in regionprops(owner, intensity_image=he, extra_properties=(quantiles,))
+        ]
 
     return measure
 
@@ -114,9 +147,14 @@ def main() -> None:
         "    Delaunay degree + edge": lambda: nb._delaunay(points),
     }
     sample = nuclei[: args.shapes]
+    labels, shapes_baseline = regionprops_baseline(sample)
+    rgb = stained(labels)
+    ring_px = round(RING_UM / MPP)
     shape_parts = {
         "(f) shape measurements, product": lambda: product_shapes(sample),
-        "(f') regionprops, same nuclei": regionprops_baseline(sample),
+        "(f') regionprops, same nuclei": shapes_baseline,
+        "(i) stain intensity, product": lambda: nucleus_intensity(labels, rgb, ring_px),
+        "(i') rgb2hed + regionprops, same nuclei": regionprops_intensity(labels, rgb, ring_px),
     }
     parts |= shape_parts
     runs = {name: [] for name in parts}
@@ -135,10 +173,12 @@ def main() -> None:
     for name, seconds in median.items():
         if name not in shape_parts:
             print(f"| {name} | {seconds:.2f} | {seconds / a:.2f} |")
-    product, skimage = (median[name] * 1000 / len(sample) for name in shape_parts)
-    print(f"\nshape measurements of {len(sample):,} nuclei, per 1,000 nuclei: product "
-          f"{product * 1000:.1f} ms, regionprops {skimage * 1000:.1f} ms "
-          f"(regionprops / product = {skimage / product:.1f})")  # fmt: skip
+    per_1000 = [median[name] * 1000 / len(sample) * 1000 for name in shape_parts]
+    for what, (product, skimage) in (("shape", per_1000[:2]), ("stain intensity", per_1000[2:])):
+        print(
+            f"{what} of {len(sample):,} nuclei, ms per 1,000 nuclei: product {product:.1f}, "
+            f"scikit-image {skimage:.1f} (scikit-image / product = {skimage / product:.1f})"
+        )
 
     if args.no_sql:
         return

@@ -39,33 +39,41 @@ def stain_od(rgb: np.ndarray) -> np.ndarray:
 
 def nucleus_intensity(labels: np.ndarray, rgb: np.ndarray, ring_px: int) -> dict[str, np.ndarray]:
     """`INTENSITY` of the nuclei 1..labels.max() of a label image over (H, W, 3) RGB pixels, each
-    an array indexed by label - 1 (NaN where a nucleus has no ring)."""
+    an array indexed by label - 1 (NaN where a nucleus has no ring). Only the pixels of nuclei
+    and rings are deconvolved."""
     n = int(labels.max())
-    stains = stain_od(rgb)
     grown = ndimage.grey_dilation(labels, footprint=disk(ring_px)) if n else labels
     # Grey dilation takes the largest label nearby; the ring is what no nucleus holds.
-    ring = np.where(labels == 0, grown, 0)
+    near = grown > 0
+    in_nucleus = labels[near]
+    stains = stain_od(rgb[near])
     out = {}
-    for place, owner in (("", labels), ("cytoplasm_", ring)):
+    for place, owner in (
+        ("", in_nucleus),
+        ("cytoplasm_", np.where(in_nucleus == 0, grown[near], 0)),
+    ):
         for k, stain in enumerate(STAINS):
-            stats = _label_statistics(owner, stains[..., k], n)
+            stats = _label_statistics(owner, stains[:, k], n)
             for stat in STATISTICS:
                 out[f"{place}{stain}_od_{stat}"] = stats[stat]
     return out
 
 
-def _label_statistics(labels: np.ndarray, values: np.ndarray, n: int) -> dict[str, np.ndarray]:
+def _label_statistics(owner: np.ndarray, values: np.ndarray, n: int) -> dict[str, np.ndarray]:
     """Mean, standard deviation and percentiles (linear interpolation, as numpy's) of `values`
-    over the pixels of each label 1..n: sorted once by (label, value), no loop over labels."""
-    inside = labels.ravel() > 0
-    owner, value = labels.ravel()[inside], values.ravel()[inside].astype(np.float64)
+    per label 1..n of `owner` (same length, 0 = none): sorted once by (label, value), no loop
+    over labels."""
+    inside = owner > 0
+    owner, value = owner[inside], values[inside].astype(np.float64)
     count = np.bincount(owner, minlength=n + 1)[1:].astype(np.float64)
     total = np.bincount(owner, weights=value, minlength=n + 1)[1:]
     squares = np.bincount(owner, weights=value * value, minlength=n + 1)[1:]
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = total / count
         std = np.sqrt(np.maximum(squares / count - mean * mean, 0))
-    order = np.lexsort((value, owner))
+    # One float sort by label, then value: the value scaled into [0, 0.5) beside the label.
+    low, span = (value.min(), np.ptp(value)) if len(value) else (0.0, 0.0)
+    order = np.argsort(owner + (value - low) / (2 * span + 1e-12), kind="stable")
     ordered = value[order]
     start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
     out = {"mean": mean, "std": std}
