@@ -22,6 +22,8 @@ GLAND_FEATURES = (
 NUCLEUS_FEATURES = (
     "area_um2", "perimeter_um", "equivalent_diameter_um", "major_axis_um", "minor_axis_um",
     "eccentricity", "orientation_deg", "circularity", "solidity", "extent",
+    "haematoxylin_od_mean", "eosin_od_mean", "cytoplasm_haematoxylin_od_mean",
+    "cytoplasm_eosin_od_mean",
     "distance_to_gland_boundary_um", "neighbours_within_25_um",
     "neighbours_within_50_um", "nearest_1_distance_um", "nearest_5_distance_um",
     "delaunay_degree", "delaunay_edge_mean_um",
