@@ -77,6 +77,53 @@ def test_sample_slide_gives_valid_objects_inside_the_slide(session_engine, sampl
     assert 10 < median < 120
 
 
+def test_nuclei_carry_their_stain_intensity_from_the_slides_pixels(session_engine, sample):
+    """(Before the tests that empty the database.) Every segmented nucleus has its haematoxylin
+    and eosin density, nuclei are darker in haematoxylin than the cytoplasm around them, and a
+    few nuclei measured again from the slide (read at the model's resolution, the polygon
+    rasterised, scikit-image's rgb2hed) agree."""
+    from skimage.color import rgb2hed
+    from skimage.draw import polygon as raster_polygon
+
+    from inference.slide import open_slide
+    from tests.slides import SAMPLE
+
+    with session_engine.connect() as conn:
+        rows = (
+            conn.execute(
+                text(
+                    "SELECT ST_AsBinary(geom) AS wkb, area_um2, haematoxylin_od_mean AS h, "
+                    "haematoxylin_od_q50 AS h50, eosin_od_mean AS e, "
+                    "cytoplasm_haematoxylin_od_mean AS ring_h, cytoplasm_eosin_od_mean AS ring_e "
+                    "FROM nucleus WHERE slide_id = :s ORDER BY id"
+                ),
+                {"s": sample.slide_id},
+            )
+            .mappings()
+            .all()
+        )
+    assert rows and all(r["h"] is not None and r["h50"] is not None for r in rows)
+    ringed = [r for r in rows if r["ring_h"] is not None]
+    assert len(ringed) > 0.9 * len(rows)
+    assert np.median([r["h"] - r["ring_h"] for r in ringed]) > 0.05
+    assert np.median([r["e"] - r["h"] for r in rows]) < np.median(
+        [r["ring_e"] - r["ring_h"] for r in ringed]
+    )
+    reader = open_slide(SAMPLE)
+    scale = 0.5 / reader.info.mpp[0]  # level-0 px per model px
+    big = sorted(rows, key=lambda r: -r["area_um2"])[:5]
+    for row in big:
+        nucleus = shapely.from_wkb(bytes(row["wkb"]))
+        x0, y0, x1, y1 = nucleus.bounds
+        patch = reader.read_bounds(
+            (int(x0) - 8, int(y0) - 8, int(x1) + 8, int(y1) + 8), resolution=0.5, units="mpp"
+        )[..., :3]
+        xy = (np.asarray(nucleus.exterior.coords) - (int(x0) - 8, int(y0) - 8)) / scale - 0.5
+        rr, cc = raster_polygon(xy[:, 1], xy[:, 0], patch.shape[:2])
+        h = rgb2hed(patch)[rr, cc, 0] * 6
+        assert row["h"] == pytest.approx(h.mean(), rel=0.1), row
+
+
 @pytest.mark.parametrize("table", ["nucleus", "gland", "lumen"])
 def test_no_object_comes_out_twice_across_tile_borders(session_engine, sample, table):
     duplicates = scalar(
@@ -196,49 +243,3 @@ def test_an_unreachable_database_is_one_line(cli_env):
     assert result.returncode == 1
     assert result.stderr.strip().startswith("spatialdb: error: cannot use the database at")
     assert len(result.stderr.strip().splitlines()) == 1
-
-
-def test_nuclei_carry_their_stain_intensity_from_the_slides_pixels(session_engine, sample):
-    """Every segmented nucleus has its haematoxylin and eosin density, nuclei are darker in
-    haematoxylin than the cytoplasm around them, and a few nuclei measured again from the slide
-    (read at the model's resolution, the polygon rasterised, scikit-image's rgb2hed) agree."""
-    from skimage.color import rgb2hed
-    from skimage.draw import polygon as raster_polygon
-
-    from inference.slide import open_slide
-    from tests.slides import SAMPLE
-
-    with session_engine.connect() as conn:
-        rows = (
-            conn.execute(
-                text(
-                    "SELECT ST_AsBinary(geom) AS wkb, area_um2, haematoxylin_od_mean AS h, "
-                    "haematoxylin_od_q50 AS h50, eosin_od_mean AS e, "
-                    "cytoplasm_haematoxylin_od_mean AS ring_h, cytoplasm_eosin_od_mean AS ring_e "
-                    "FROM nucleus WHERE slide_id = :s ORDER BY id"
-                ),
-                {"s": sample.slide_id},
-            )
-            .mappings()
-            .all()
-        )
-    assert rows and all(r["h"] is not None and r["h50"] is not None for r in rows)
-    ringed = [r for r in rows if r["ring_h"] is not None]
-    assert len(ringed) > 0.9 * len(rows)
-    assert np.median([r["h"] - r["ring_h"] for r in ringed]) > 0.05
-    assert np.median([r["e"] - r["h"] for r in rows]) < np.median(
-        [r["ring_e"] - r["ring_h"] for r in ringed]
-    )
-    reader = open_slide(SAMPLE)
-    scale = 0.5 / reader.info.mpp[0]  # level-0 px per model px
-    big = sorted(rows, key=lambda r: -r["area_um2"])[:5]
-    for row in big:
-        nucleus = shapely.from_wkb(bytes(row["wkb"]))
-        x0, y0, x1, y1 = nucleus.bounds
-        patch = reader.read_bounds(
-            (int(x0) - 8, int(y0) - 8, int(x1) + 8, int(y1) + 8), resolution=0.5, units="mpp"
-        )[..., :3]
-        xy = (np.asarray(nucleus.exterior.coords) - (int(x0) - 8, int(y0) - 8)) / scale - 0.5
-        rr, cc = raster_polygon(xy[:, 1], xy[:, 0], patch.shape[:2])
-        h = rgb2hed(patch)[rr, cc, 0] * 6
-        assert row["h"] == pytest.approx(h.mean(), rel=0.1), row
