@@ -35,8 +35,8 @@ def test_densities_per_compartment_and_immune_infiltration():
     area = stats["compartment_area_mm2"]
     assert area["glands"] == pytest.approx(0.01)
     assert area["stroma"] == pytest.approx(0.15)
-    # [0, 150]² µm, the band cut by the tissue, less its rounded outer corner
-    assert area["border"] == pytest.approx((150**2 - 50**2 * (1 - np.pi / 4)) / 1e6, rel=1e-3)
+    # [0, 150]² µm, the band cut by the tissue, less its rounded outer corner (a 2 µm lattice)
+    assert area["border"] == pytest.approx((150**2 - 50**2 * (1 - np.pi / 4)) / 1e6, rel=5e-3)
     density = stats["density_per_mm2"]
     assert density["glands"] == pytest.approx(
         {"connective": 0, "epithelial": 400, "inflammatory": 200}
