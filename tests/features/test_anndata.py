@@ -2,8 +2,8 @@
 anndata reads back (identity, classes, features, centroids in µm, the slide) with what squidpy's
 neighbourhood functions read: `obsm["spatial"]` and a categorical cluster key. Where squidpy is
 installed, its `spatial_neighbors` and `nhood_enrichment` run on it. (squidpy 1.8 is not a dev
-dependency: on Python 3.11 it pins imagecodecs below 2026, whose libtiff then prints an extra
-line for damaged TIFFs.)"""
+dependency: on Python 3.11 it holds imagecodecs below 2026, which would change the TIFF stack the
+product is tested with.)"""
 
 from __future__ import annotations
 
