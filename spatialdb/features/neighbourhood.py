@@ -63,15 +63,15 @@ def _within(tree: cKDTree, points: np.ndarray, radius: float) -> np.ndarray:
     return np.asarray(tree.query_ball_point(points, radius, return_length=True, workers=-1))
 
 
-def _nearest(tree: cKDTree, points: np.ndarray) -> dict[str, np.ndarray]:
-    """Distances to the 1st … NEAREST-th other nucleus (NaN where there are fewer)."""
+def _nearest(tree: cKDTree, points: np.ndarray, count: int = NEAREST) -> dict[str, np.ndarray]:
+    """Distances to the 1st … `count`-th other nucleus (NaN where there are fewer)."""
     n = len(points)
-    distances = np.full((n, NEAREST), np.nan)
-    k = min(NEAREST, n - 1)
+    distances = np.full((n, count), np.nan)
+    k = min(count, n - 1)
     if k > 0:
         found, _ = tree.query(points, k=k + 1, workers=-1)
         distances[:, :k] = found[:, 1:]
-    return {f"nearest_{j + 1}_distance_um": distances[:, j] for j in range(NEAREST)}
+    return {f"nearest_{j + 1}_distance_um": distances[:, j] for j in range(count)}
 
 
 def _delaunay(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -99,9 +99,7 @@ def _delaunay(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return degree, mean
 
 
-def nearest_distance(points: np.ndarray) -> np.ndarray:
-    """Distance from each point to its nearest other point (NaN when it is alone)."""
-    if len(points) < 2:
-        return np.full(len(points), np.nan)
-    distance, _ = cKDTree(points).query(points, k=[2], workers=-1)
-    return distance[:, 0]
+def nearest_distance(centroids_um: np.ndarray) -> np.ndarray:
+    """Distance from each nucleus to its nearest other nucleus (NaN when it is alone)."""
+    points = np.asarray(centroids_um, dtype=float).reshape(-1, 2)
+    return _nearest(cKDTree(points), points, 1)["nearest_1_distance_um"]

@@ -2,9 +2,8 @@
 
 Each slide's objects are read in id order, measured (`spatialdb.store.morphometry`) and written
 back in batches, one transaction per batch: an interrupted backfill keeps what it committed and
-a second one carries on where the first stopped, through one connection. Every read and update of
-objects names one slide, so on Citus each
-runs on the slide's worker alone.
+a second one carries on where the first stopped. Every read and update of objects names one
+slide, so on Citus each runs on the slide's worker alone.
 """
 
 from __future__ import annotations
