@@ -313,7 +313,8 @@ def _write_parquet(raw, queries: list, path: Path, geometry: bool) -> tuple[int,
 
 def _write_nuclei(raw, slide_ids, queries, path: Path, fmt: str, radius_um: float):
     """Nucleus rows of each slide from SQL with their neighbourhood columns beside them (counted
-    here over the slide's centroids, `spatialdb.features.neighbourhood`), as CSV or Parquet."""
+    here over the slide's centroids, `spatialdb.features.neighbourhood`), as CSV, Parquet or
+    AnnData."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
@@ -325,36 +326,41 @@ def _write_nuclei(raw, slide_ids, queries, path: Path, fmt: str, radius_um: floa
         )
         classes = [c for (c,) in cur.fetchall()]
     base = _arrow_schema(pa, _description(raw, queries[0]), fmt == "geoparquet")
-    rows, writer, batches = 0, None, []
+    writers = {"csv": pacsv.CSVWriter, "anndata": _Collected}
+    rows, writer = 0, None
     try:
         for slide_id, query in zip(slide_ids, queries, strict=True):
             extra = _neighbourhood_columns(raw, slide_id, classes, radius_um)
             if writer is None:
                 fields = [pa.field(n, pa.from_numpy_dtype(a.dtype)) for n, a in extra.items()]
                 schema = pa.schema(list(base) + fields, metadata=base.metadata)
-                if fmt == "csv":
-                    writer = pacsv.CSVWriter(path, schema)
-                elif fmt == "anndata":  # AnnData is written whole, from every batch
-                    writer = batches
-                else:
-                    writer = pq.ParquetWriter(path, schema)
+                writer = writers.get(fmt, pq.ParquetWriter)(path, schema)
             offset = 0
             for _, batch in _batches(raw, query):
                 arrays = _record_batch(pa, base, batch).columns
                 arrays += [pa.array(a[offset : offset + len(batch)]) for a in extra.values()]
-                record = pa.RecordBatch.from_arrays(arrays, schema=schema)
-                if fmt == "anndata":
-                    batches.append(record)
-                else:
-                    writer.write_batch(record)
+                writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
                 offset += len(batch)
             rows += offset
     finally:
-        if writer is not None and fmt != "anndata":
+        if writer is not None:
             writer.close()
-    if fmt == "anndata":
-        _write_anndata(raw, pa.Table.from_batches(batches, schema=schema), slide_ids, path)
+    if fmt == "anndata":  # written whole, once every row is in
+        _write_anndata(raw, pa.Table.from_batches(writer.batches, schema=schema), slide_ids, path)
     return rows, schema.names
+
+
+class _Collected:
+    """A record-batch writer that keeps the batches (AnnData is written from all of them)."""
+
+    def __init__(self, path: Path, schema):
+        self.batches = []
+
+    def write_batch(self, batch) -> None:
+        self.batches.append(batch)
+
+    def close(self) -> None:
+        pass
 
 
 def _write_anndata(raw, table, slide_ids: list[int], path: Path) -> None:
