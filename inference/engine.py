@@ -118,7 +118,6 @@ def segment_slide(
         "nucleus_types": list(info.classes["Nuclei#TYPE"]),
         "gland_types": list(info.classes["Gland#TYPE"]),
         "hv": preset.nucleus_hv,
-        "intensity": True,
     }
     tiles, tile_classes = {}, {}
     if sched.order:

@@ -45,8 +45,11 @@ CHANNELS = (
     "green",
     "blue",
 )
-#: The leading CHANNELS that hold probabilities (the rest are type indices).
+#: The leading CHANNELS that hold probabilities (the rest are type indices and pixel values).
 PROBABILITY_CHANNELS = 4
+#: Where the distance maps and the RGB pixels lie among the CHANNELS.
+HV_CHANNELS = slice(CHANNELS.index("nuclei_h"), CHANNELS.index("nuclei_v") + 1)
+RGB_CHANNELS = slice(CHANNELS.index("red"), CHANNELS.index("blue") + 1)
 REGION_PX = 1536
 GLAND_MARGIN_PX = 768
 NUCLEI_MARGIN_PX = 64
@@ -182,7 +185,7 @@ def reduce_tile(heads: dict[str, np.ndarray], rgb: np.ndarray | None = None) -> 
     hv = heads.get(NUCLEI_HV)
     distance = [u8((hv[k] + 1) / 2) for k in (0, 1)] if hv is not None else []
     tile = np.zeros((len(CHANNELS), *heads["Nuclei-INST"].shape[1:]), np.uint8)
-    tile[: 6 + len(distance)] = [
+    tile[: HV_CHANNELS.start + len(distance)] = [
         u8(heads["Gland-INST"][1]),
         u8(heads["Lumen-INST"][1]),
         u8(heads["Nuclei-INST"][1]),
@@ -192,7 +195,7 @@ def reduce_tile(heads: dict[str, np.ndarray], rgb: np.ndarray | None = None) -> 
         *distance,
     ]
     if rgb is not None:
-        tile[8:11] = rgb
+        tile[RGB_CHANNELS] = rgb
     return tile
 
 
@@ -233,7 +236,6 @@ class RegionJob:
     nucleus_types: list[str]
     gland_types: list[str]
     hv: bool = False  # the window's distance-map channels hold the weights' `Nuclei-HV`
-    intensity: bool = False  # the window's RGB channels hold the slide's pixels
 
 
 def region_job(grid: Grid, region: Region, tiles: dict, **fields) -> RegionJob:
@@ -258,7 +260,7 @@ def process_region(job: RegionJob) -> tuple[list[Objects], dict]:
     inner, contour = (job.window[k][crop].astype(np.float32) / 255 for k in (2, 3))
     maps = {"Nuclei-INST": (None, inner, contour)}
     if job.hv:
-        maps[NUCLEI_HV] = job.window[(slice(6, 8), *crop)].astype(np.float32) / 127.5 - 1
+        maps[NUCLEI_HV] = job.window[(HV_CHANNELS, *crop)].astype(np.float32) / 127.5 - 1
     nuclei = instances(maps, job.settings, job.mpp)["Nuclei"]
     regions_ = instances(
         {"Gland-INST": (None, gland, None), "Lumen-INST": (None, lumen, None)},
@@ -272,8 +274,8 @@ def process_region(job: RegionJob) -> tuple[list[Objects], dict]:
     classes = [job.nucleus_types[types[i][0]] if i in types else "nucleus" for i in kept]
     prob = np.array([types[i][1] if i in types else np.nan for i in kept], np.float32)
     measured = {}
-    if job.intensity and kept:
-        rgb = job.window[(slice(8, 11), *crop)].transpose(1, 2, 0)
+    if kept:
+        rgb = job.window[(RGB_CHANNELS, *crop)].transpose(1, 2, 0)
         ring_px = max(1, round(RING_UM / job.mpp))
         index = np.array(kept) - 1
         measured = {k: v[index] for k, v in nucleus_intensity(nuclei, rgb, ring_px).items()}
