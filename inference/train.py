@@ -174,9 +174,11 @@ def load_pools(config: TrainConfig, preset: Preset) -> tuple[dict[str, list[Prep
 
 class TaskSampler:
     """Draws training samples: a dataset by the configured mix, an image by area, a random crop
-    with flips, right-angle rotations and colour jitter."""
+    with flips, right-angle rotations and colour jitter; with `hv`, nuclei's distance maps."""
 
-    def __init__(self, pools: dict[str, list[Prepared]], mix: dict[str, float], crop: int, rng):
+    def __init__(
+        self, pools: dict[str, list[Prepared]], mix: dict[str, float], crop: int, rng, hv=False
+    ):
         self.pools = {name: pools[name] for name in mix if mix[name] > 0 and pools.get(name)}
         if not self.pools:
             raise ValueError(f"no training images for {sorted(mix)}")
@@ -184,6 +186,7 @@ class TaskSampler:
         self.mix = weights_ / weights_.sum()
         self.crop = crop
         self.rng = rng
+        self.hv = hv
 
     def sample(self) -> dict:
         source = list(self.pools)[self.rng.choice(len(self.pools), p=self.mix)]
@@ -211,7 +214,7 @@ class TaskSampler:
             "types": {task: view(t) for task, t in item.types.items()},
             "patch": -1,
         }
-        if "Nuclei" in item.instances:
+        if self.hv and "Nuclei" in item.instances:
             sample["hv"] = hv_maps(view(item.instances["Nuclei"]))
         if "Gland" in item.instances:
             sample["patch"] = datasets.tissue_class(
@@ -444,7 +447,7 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> Path:
     torch.manual_seed(config.seed + state["step"])
     samplers = {
         "region": TaskSampler(pools, {"glas": 1.0}, config.region_crop, rng),
-        "nuclear": TaskSampler(pools, config.mix, config.crop, rng),
+        "nuclear": TaskSampler(pools, config.mix, config.crop, rng, hv=net.preset.nucleus_hv),
     }
     train_mode(net, config.train_only)
     window = []

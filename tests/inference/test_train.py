@@ -91,7 +91,8 @@ def test_a_transfer_step_trains_the_named_modules_and_nothing_else(tmp_path):
     net = build(config.preset)
     pools, _ = load_pools(config, net.preset)
     rng = np.random.default_rng(0)
-    samplers = {"region": None, "nuclear": TaskSampler(pools, config.mix, config.crop, rng)}
+    nuclear = TaskSampler(pools, config.mix, config.crop, rng, hv=True)
+    samplers = {"region": None, "nuclear": nuclear}
     before = {k: v.clone() for k, v in net.state_dict().items()}
     optimizer = torch.optim.SGD(trainable(net, config.train_only), lr=0.1)
     train_mode(net, config.train_only)
