@@ -53,13 +53,19 @@ def spatial_statistics(
     glands = np.asarray(glands_um, dtype=object)
     names = sorted(set(classes))
     tissue = shapely.union_all(tissue_um) if len(tissue_um) else None
-    in_gland, near, in_border = _places(points, glands)
+    # Distances to simplified outlines, none grown, shrunk or merged: GEOS takes minutes for that
+    # with ten thousand glands.
+    outlines = shapely.simplify(glands, SIMPLIFY_UM)
+    edges = shapely.boundary(outlines)
+    in_gland = _inside_any(points, glands)
+    near = _within(points, outlines, IMMUNE_UM)
+    in_border = _within(points, edges, BORDER_UM)
     gland_area = float(shapely.area(glands).sum())
     tissue_area = shapely.area(tissue) if tissue is not None else None
     areas = {
         "glands": gland_area,
         "stroma": tissue_area - gland_area if tissue is not None else None,
-        "border": _border_area(glands, tissue),
+        "border": _border_area(edges, tissue),
     }
     members = {"glands": in_gland, "stroma": ~in_gland, "border": in_border}
     density = {
@@ -91,47 +97,35 @@ def spatial_statistics(
     }
 
 
-def _places(points: np.ndarray, glands: np.ndarray):
-    """Per point: inside a gland (GEOS's prepared point-in-area test); within `IMMUNE_UM` of one
-    (inside included) and within `BORDER_UM` of a gland's boundary (STRtree distance queries on
-    the outlines simplified by `SIMPLIFY_UM`). No outline is grown, shrunk or merged: GEOS takes
-    minutes for that with ten thousand glands."""
-    if not len(glands) or not len(points):
-        return (np.zeros(len(points), dtype=bool),) * 3
-    xy = shapely.points(points)
-    outlines = shapely.simplify(glands, SIMPLIFY_UM)
-    hits = []
-    for shapes, distance in ((outlines, IMMUNE_UM), (shapely.boundary(outlines), BORDER_UM)):
-        found, _ = shapely.STRtree(shapes).query(xy, predicate="dwithin", distance=distance)
-        hit = np.zeros(len(points), dtype=bool)
-        hit[found] = True
-        hits.append(hit)
-    return _inside_any(points, glands), hits[0], hits[1]
-
-
-def _inside_pairs(points: np.ndarray, polygons: np.ndarray):
-    """(point, polygon) pairs whose boxes meet (an STRtree query) and, per pair, whether the point
-    lies in the polygon (GEOS's prepared point-in-area test, all pairs at once)."""
-    shapely.prepare(polygons)
-    pairs = shapely.STRtree(polygons).query(shapely.points(points))
-    inside = shapely.intersects_xy(polygons[pairs[1]], points[pairs[0], 0], points[pairs[0], 1])
-    return pairs, inside
-
-
 def _inside_any(points: np.ndarray, polygons: np.ndarray) -> np.ndarray:
-    pairs, inside = _inside_pairs(points, polygons)
+    """Which points lie in some polygon: the (point, polygon) pairs whose boxes meet (an STRtree
+    query), then GEOS's prepared point-in-area test for all those pairs at once."""
     hit = np.zeros(len(points), dtype=bool)
-    hit[pairs[0][inside]] = True
+    if len(polygons) and len(points):
+        shapely.prepare(polygons)
+        pair = shapely.STRtree(polygons).query(shapely.points(points))
+        inside = shapely.intersects_xy(polygons[pair[1]], points[pair[0], 0], points[pair[0], 1])
+        hit[pair[0][inside]] = True
     return hit
 
 
-def _border_area(glands: np.ndarray, tissue) -> float:
-    """Area of the border (within `BORDER_UM` of a gland's boundary, in the tissue when there
-    are tissue regions), counted on a lattice of at most `LATTICE_POINTS` points over the glands'
-    reach: buffering and merging thousands of glands in GEOS takes minutes."""
-    if not len(glands):
+def _within(points: np.ndarray, shapes: np.ndarray, distance: float) -> np.ndarray:
+    """Which points lie within `distance` of some shape (an STRtree distance query)."""
+    hit = np.zeros(len(points), dtype=bool)
+    if len(shapes) and len(points):
+        found, _ = shapely.STRtree(shapes).query(
+            shapely.points(points), predicate="dwithin", distance=distance
+        )
+        hit[found] = True
+    return hit
+
+
+def _border_area(edges: np.ndarray, tissue) -> float:
+    """Area within `BORDER_UM` of the gland outlines `edges` (in the tissue when there are tissue
+    regions), counted on a lattice of at most `LATTICE_POINTS` points over the glands' reach."""
+    if not len(edges):
         return 0.0
-    x0, y0, x1, y1 = shapely.bounds(glands).T
+    x0, y0, x1, y1 = shapely.bounds(edges).T
     x0, y0 = x0.min() - BORDER_UM, y0.min() - BORDER_UM
     x1, y1 = x1.max() + BORDER_UM, y1.max() + BORDER_UM
     step = max(LATTICE_MIN_UM, float(np.sqrt((x1 - x0) * (y1 - y0) / LATTICE_POINTS)))
@@ -140,7 +134,7 @@ def _border_area(glands: np.ndarray, tissue) -> float:
     if tissue is not None:
         shapely.prepare(tissue)
         lattice = lattice[shapely.intersects_xy(tissue, lattice[:, 0], lattice[:, 1])]
-    return float(_places(lattice, glands)[2].sum() * step * step)
+    return float(_within(lattice, edges, BORDER_UM).sum() * step * step)
 
 
 def cross_k(points: np.ndarray, classes: np.ndarray, names: list[str], area_um2: float) -> dict:
