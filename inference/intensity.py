@@ -13,10 +13,9 @@ within `RING_UM` of it that belong to no nucleus.
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 from skimage.color import hed_from_rgb
 
-from inference.targets import disk
+from inference.postprocess import dilate_labels
 
 RING_UM = 2.0
 STAINS = ("haematoxylin", "eosin")
@@ -42,7 +41,7 @@ def nucleus_intensity(labels: np.ndarray, rgb: np.ndarray, ring_px: int) -> dict
     an array indexed by label - 1 (NaN where a nucleus has no ring). Only the pixels of nuclei
     and rings are deconvolved."""
     n = int(labels.max())
-    grown = ndimage.grey_dilation(labels, footprint=disk(ring_px)) if n else labels
+    grown = dilate_labels(labels, ring_px) if n else labels
     # Grey dilation takes the largest label nearby; the ring is what no nucleus holds.
     near = grown > 0
     in_nucleus = labels[near]

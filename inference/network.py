@@ -308,6 +308,17 @@ class CerberusNet(nn.Module):
             out[name] = logits
         return out
 
+    def output_names(self, tasks: tuple[str, ...]) -> list[str]:
+        """The keys of `forward(images, tasks)`'s result, sorted."""
+        names = [
+            f"{name.split('#')[0]}-{head}"
+            for name in DECODERS
+            if name in tasks
+            for head in self.output_head[name]
+        ]
+        names += [name for name in (PATCH_HEAD, BOTTLENECK) if name in tasks]
+        return sorted(names)
+
     def decode(self, images: torch.Tensor, tasks: tuple[str, ...] | None = None) -> dict:
         """The requested heads from one pass of the encoder over `images` as they are (training
         feeds the region tasks images already at their resolution)."""

@@ -3,7 +3,8 @@ threshold, dilate and fill for glands and lumina; lumina outside glands dropped;
 majority vote of the type head inside each instance.
 
 Inputs are per-pixel class probabilities (3, H, W) of a segmentation head, in the order
-background, eroded inner, contour (see `inference.targets`).
+background, eroded inner, contour (see `inference.targets`); glands and lumina take them as
+uint8 × 255 too.
 """
 
 from __future__ import annotations
@@ -73,13 +74,11 @@ def region_instances(
 ) -> np.ndarray:
     """Glands and lumina: connected inner regions, dilated back over their contour band and with
     holes filled. Where dilations meet, the nearer region wins (no overlaps)."""
-    inner, _ = ndimage.label(probs[1] > inner_threshold)
+    inner, _ = ndimage.label(above(probs[1], inner_threshold))
     inner = _remove_small(inner, max(1, min_area_px // 4))
     if inner.max() == 0:
         return inner
-    # Each pixel within contour_px of an inner region joins the nearest one.
-    distance, (iy, ix) = ndimage.distance_transform_edt(inner == 0, return_indices=True)
-    labels = np.where(distance <= contour_px, inner[iy, ix], 0)
+    labels = nearest_within(inner, contour_px)
     filled = np.zeros_like(labels)
     for label, box in enumerate(ndimage.find_objects(labels), start=1):
         if box is not None:
@@ -88,12 +87,62 @@ def region_instances(
     return _remove_small(filled, min_area_px)
 
 
+def nearest_within(labels: np.ndarray, radius: int) -> np.ndarray:
+    """`labels` with each unlabelled pixel within `radius` px (Euclidean) of a labelled one given
+    the label of the nearest, as a Euclidean distance transform with indices gives it. Only
+    pixels with two labels within reach need distances: the others take the one label that a
+    disk-shaped dilation brings (two dilations of the whole map instead of a distance transform
+    with indices: 4x faster on a gland window); the contested ones get the distance transform
+    on crops around them."""
+    top = int(labels.max())
+    if radius < 1 or top == 0:
+        return labels.copy()
+    highest = dilate_labels(labels, radius)
+    lowest = top + 1 - dilate_labels(np.where(labels > 0, top + 1 - labels, 0), radius)
+    free = labels == 0
+    reached = free & (highest > 0)
+    out = labels.copy()
+    unique = reached & (highest == lowest)
+    out[unique] = highest[unique]
+    contested = reached & ~unique
+    if not contested.any():
+        return out
+    pieces, _ = ndimage.label(contested, structure=np.ones((3, 3)))
+    h, w = labels.shape
+    for piece, box in enumerate(ndimage.find_objects(pieces), start=1):
+        # Labels within reach of the piece lie within `radius` of its box.
+        y0, x0 = max(0, box[0].start - radius), max(0, box[1].start - radius)
+        y1, x1 = min(h, box[0].stop + radius), min(w, box[1].stop + radius)
+        crop = labels[y0:y1, x0:x1]
+        _, (iy, ix) = ndimage.distance_transform_edt(crop == 0, return_indices=True)
+        here = pieces[y0:y1, x0:x1] == piece
+        out[y0:y1, x0:x1][here] = crop[iy[here], ix[here]]
+    return out
+
+
+def dilate_labels(labels: np.ndarray, radius: int) -> np.ndarray:
+    """Per pixel, the largest label within `radius` px (a disk; 0 where none), as
+    `ndimage.grey_dilation` with a disk footprint gives it, by OpenCV (several times faster)."""
+    top = int(labels.max())
+    kind = np.uint16 if top < 2**16 else np.float32  # exact, and a type cv2.dilate takes
+    grown = cv2.dilate(labels.astype(kind), disk(radius).astype(np.uint8))
+    return grown.astype(labels.dtype if labels.dtype.kind == "i" else np.int32)
+
+
+def above(probability: np.ndarray, threshold: float) -> np.ndarray:
+    """Where a probability map exceeds `threshold`; a uint8 map holds probabilities × 255 (as
+    the tiles keep them) and is compared on that scale, without a float copy."""
+    if probability.dtype == np.uint8:
+        return probability > threshold * 255
+    return probability > threshold
+
+
 def lumina_inside_glands(lumina: np.ndarray, glands: np.ndarray, min_inside: float = 0.5):
     """Lumina with at least `min_inside` of their area inside some gland; the rest removed."""
     if lumina.max() == 0:
         return lumina
     area = np.bincount(lumina.ravel(), minlength=lumina.max() + 1)
-    inside = np.bincount(lumina.ravel(), weights=glands.ravel() > 0, minlength=lumina.max() + 1)
+    inside = np.bincount(lumina[glands > 0], minlength=lumina.max() + 1)
     keep = np.zeros(len(area), dtype=bool)
     keep[1:] = inside[1:] >= min_inside * np.maximum(area[1:], 1)
     kept = np.where(keep[lumina], lumina, 0)
@@ -117,27 +166,33 @@ def majority_types(instances: np.ndarray, type_map: np.ndarray, n_types: int) ->
     table = np.bincount(
         instances.ravel() * n_types + type_map.ravel(), minlength=(n + 1) * n_types
     ).reshape(n + 1, n_types)[:, 1:]
-    out = {}
-    for label in np.flatnonzero(table.sum(axis=1)):
-        if label == 0:
-            continue
-        counts = table[label]
-        best = int(np.argmax(counts))
-        out[int(label)] = (best + 1, float(counts[best] / counts.sum()))
-    return out
+    totals = table.sum(axis=1)
+    best = table.argmax(axis=1)
+    typed = np.flatnonzero(totals[1:]) + 1
+    fraction = table[typed, best[typed]] / totals[typed]
+    return {
+        int(label): (int(best[label]) + 1, float(share))
+        for label, share in zip(typed, fraction, strict=True)
+    }
 
 
 def _remove_small(labels: np.ndarray, min_area_px: int) -> np.ndarray:
-    area = np.bincount(labels.ravel())
-    small = area < min_area_px
-    small[0] = False
-    return _relabel(np.where(small[labels], 0, labels))
+    """Labels of at least `min_area_px` pixels, renumbered 1..n in order of their value."""
+    keep = np.bincount(labels.ravel()) >= min_area_px
+    return _renumber(labels, keep)
 
 
 def _relabel(labels: np.ndarray) -> np.ndarray:
     """Labels renumbered 1..n in order of their value."""
-    present = np.flatnonzero(np.bincount(labels.ravel()))
-    present = present[present > 0]
-    lookup = np.zeros(int(labels.max()) + 1, dtype=np.int32)
-    lookup[present] = np.arange(1, len(present) + 1)
+    return _renumber(labels, np.bincount(labels.ravel()) > 0)
+
+
+def _renumber(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The labels `keep` marks (indexed by label) renumbered 1..n in order, the others 0; the
+    labels themselves when they are already 1..n."""
+    keep[0] = False
+    if keep[1:].all():
+        return labels
+    lookup = np.zeros(len(keep), dtype=np.int32)
+    lookup[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
     return lookup[labels]

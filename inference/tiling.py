@@ -8,14 +8,18 @@ Cores partition the slide, so every object comes out exactly once, and whole as 
 reaches no further than the margin beyond its core (768 px, 384 µm at 0.5 µm/px; larger glands
 that touch the window edge are counted as `truncated`).
 
-Regions are visited row by row and tiles are inferred in the order the regions need them, so
-only the tiles still needed by a later region (about 2 × margin rows of tiles) are held, as
+Regions are visited in vertical bands `BAND_REGIONS` regions wide, row by row within a band, and
+tiles are inferred in the order the regions need them, so that only the tiles still needed by a
+later region of the band (about 2 × margin rows of the band's width) are held in memory, as
 11 uint8 channels per pixel (`CHANNELS`): the heads' outputs and the tile's own RGB pixels,
-from which each nucleus's stain intensity is measured (`inference.intensity`).
+from which each nucleus's stain intensity is measured (`inference.intensity`). Tiles at a band's
+edge that the next band needs again wait on disk (`TileStore`): memory does not grow with the
+slide's width or height.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import cv2
@@ -50,8 +54,10 @@ PROBABILITY_CHANNELS = 4
 #: Where the distance maps and the RGB pixels lie among the CHANNELS.
 HV_CHANNELS = slice(CHANNELS.index("nuclei_h"), CHANNELS.index("nuclei_v") + 1)
 RGB_CHANNELS = slice(CHANNELS.index("red"), CHANNELS.index("blue") + 1)
-REGION_PX = 1536
+REGION_PX = 3072
 GLAND_MARGIN_PX = 768
+#: Regions per band (2 regions of 3,072 px: 3 mm of tissue at 0.5 µm/px).
+BAND_REGIONS = 2
 NUCLEI_MARGIN_PX = 64
 
 
@@ -126,27 +132,34 @@ def region_shape(tile: int) -> tuple[int, int]:
     return max(1, round(REGION_PX / tile)), max(1, -(-GLAND_MARGIN_PX // tile))
 
 
-def regions(grid: Grid, size: int | None = None, margin: int | None = None):
-    """Regions with tissue in their core, row by row (`size` and `margin` in tiles, default
-    `region_shape`). A slide that fits in one window is one region: windows around smaller
-    cores would only repeat its post-processing."""
+def regions(
+    grid: Grid, size: int | None = None, margin: int | None = None, band: int = BAND_REGIONS
+):
+    """Regions with tissue in their core, band by band (`band` regions wide), row by row within
+    a band (`size` and `margin` in tiles, default `region_shape`). A slide that fits in one window
+    is one region: windows around smaller cores would only repeat its post-processing."""
     default_size, default_margin = region_shape(grid.tile)
     size = size or default_size
     margin = default_margin if margin is None else margin
     if grid.rows <= size + 2 * margin and grid.cols <= size + 2 * margin:
         size = max(grid.rows, grid.cols)
     out = []
-    for r0 in range(0, grid.rows, size):
-        for c0 in range(0, grid.cols, size):
-            r1, c1 = min(r0 + size, grid.rows), min(c0 + size, grid.cols)
-            if grid.tissue[r0:r1, c0:c1].any():
-                window = (
-                    max(0, r0 - margin),
-                    min(grid.rows, r1 + margin),
-                    max(0, c0 - margin),
-                    min(grid.cols, c1 + margin),
-                )
-                out.append(Region(len(out), (r0, r1, c0, c1), window))
+    starts = [
+        (r0, c0)
+        for b0 in range(0, grid.cols, size * band)
+        for r0 in range(0, grid.rows, size)
+        for c0 in range(b0, min(b0 + size * band, grid.cols), size)
+    ]
+    for r0, c0 in starts:
+        r1, c1 = min(r0 + size, grid.rows), min(c0 + size, grid.cols)
+        if grid.tissue[r0:r1, c0:c1].any():
+            window = (
+                max(0, r0 - margin),
+                min(grid.rows, r1 + margin),
+                max(0, c0 - margin),
+                min(grid.cols, c1 + margin),
+            )
+            out.append(Region(len(out), (r0, r1, c0, c1), window))
     return out
 
 
@@ -158,11 +171,15 @@ class Schedule:
     order: list[tuple[int, int]]
     ready_after: list[int]
     last_use: dict[tuple[int, int], int]
+    #: Per region, the tiles done with until a region more than a band's row later.
+    idle_after: list[list[tuple[int, int]]] = field(default_factory=list)
 
 
-def schedule(grid: Grid, plan: list[Region]) -> Schedule:
-    """Tiles in the order the regions of `plan`, in turn, need them."""
+def schedule(grid: Grid, plan: list[Region], band: int = BAND_REGIONS) -> Schedule:
+    """Tiles in the order the regions of `plan`, in turn, need them; tiles whose next use lies
+    more than `band` regions ahead are idle in between (a band's row has at most `band`)."""
     order, ready_after, last_use = [], [], {}
+    idle_after: list[list[tuple[int, int]]] = [[] for _ in plan]
     for region in plan:
         r0, r1, c0, c1 = region.window
         for r in range(r0, r1):
@@ -170,9 +187,48 @@ def schedule(grid: Grid, plan: list[Region]) -> Schedule:
                 if grid.tissue[r, c]:
                     if (r, c) not in last_use:
                         order.append((r, c))
+                    elif region.index - last_use[(r, c)] > band:
+                        idle_after[last_use[(r, c)]].append((r, c))
                     last_use[(r, c)] = region.index
         ready_after.append(len(order))
-    return Schedule(order, ready_after, last_use)
+    return Schedule(order, ready_after, last_use, idle_after)
+
+
+class TileStore:
+    """Inferred tiles until their last use: in memory, or in `directory` (one .npy file each)
+    while they are idle, waiting for the next band."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.memory: dict[tuple[int, int], np.ndarray] = {}
+        self.spilled: set[tuple[int, int]] = set()
+
+    def __setitem__(self, rc: tuple[int, int], tile: np.ndarray) -> None:
+        self.memory[rc] = tile
+
+    def __contains__(self, rc) -> bool:
+        return rc in self.memory or rc in self.spilled
+
+    def __getitem__(self, rc: tuple[int, int]) -> np.ndarray:
+        if rc not in self.memory and rc in self.spilled:
+            self.memory[rc] = np.load(self._path(rc))
+            self.spilled.discard(rc)
+            os.unlink(self._path(rc))
+        return self.memory[rc]
+
+    def spill(self, rc: tuple[int, int]) -> None:
+        if rc in self.memory:
+            np.save(self._path(rc), self.memory.pop(rc))
+            self.spilled.add(rc)
+
+    def pop(self, rc: tuple[int, int]) -> None:
+        self.memory.pop(rc, None)
+        if rc in self.spilled:
+            self.spilled.discard(rc)
+            os.unlink(self._path(rc))
+
+    def _path(self, rc: tuple[int, int]) -> str:
+        return os.path.join(self.directory, f"{rc[0]}_{rc[1]}.npy")
 
 
 def reduce_tile(heads: dict[str, np.ndarray], rgb: np.ndarray | None = None) -> np.ndarray:
@@ -250,7 +306,7 @@ def process_region(job: RegionJob) -> tuple[list[Objects], dict]:
     """Instances of one region as polygons, and counts (`truncated` glands)."""
     oy, ox = job.origin
     y0, y1, x0, x1 = job.core
-    gland, lumen = (job.window[k].astype(np.float32) / 255 for k in (0, 1))
+    gland, lumen = job.window[0], job.window[1]  # uint8 probabilities × 255
 
     # Nuclei on the core plus a small margin; glands and lumina on the whole window.
     ny0, nx0 = max(y0 - NUCLEI_MARGIN_PX, oy), max(x0 - NUCLEI_MARGIN_PX, ox)
@@ -269,7 +325,7 @@ def process_region(job: RegionJob) -> tuple[list[Objects], dict]:
     )
 
     out = []
-    kept, geoms = _owned_polygons(nuclei, (ny0, nx0), job)
+    kept, geoms, _ = _owned_polygons(nuclei, (ny0, nx0), job)
     types = majority_types(nuclei, job.window[4][crop], len(job.nucleus_types))
     classes = [job.nucleus_types[types[i][0]] if i in types else "nucleus" for i in kept]
     prob = np.array([types[i][1] if i in types else np.nan for i in kept], np.float32)
@@ -285,22 +341,23 @@ def process_region(job: RegionJob) -> tuple[list[Objects], dict]:
     border = _window_border(regions_["Gland"], job)
     for task, probs in (("Gland", gland), ("Lumen", lumen)):
         labels = regions_[task]
-        kept, geoms = _owned_polygons(labels, (oy, ox), job)
-        mean = _label_means(labels, probs)
+        kept, geoms, pixels = _owned_polygons(labels, (oy, ox), job)
+        mean = np.array([probs[box][mask].mean() / 255 for box, mask in pixels])
         classes = [task.lower()] * len(kept)
         if task == "Gland":
             truncated = len(set(kept) & border)
             types = majority_types(labels, job.window[5], len(job.gland_types))
             classes = [job.gland_types[types[i][0]] if i in types else "gland" for i in kept]
-        out.append(Objects(task, geoms, classes, mean[kept].astype(np.float32)))
+        out.append(Objects(task, geoms, classes, mean.astype(np.float32)))
     return out, {"truncated": truncated}
 
 
-def _owned_polygons(labels: np.ndarray, origin, job: RegionJob) -> tuple[list[int], list]:
-    """Labels whose centroid lies in the job's core, and their outlines in level-0 pixels."""
+def _owned_polygons(labels: np.ndarray, origin, job: RegionJob) -> tuple[list[int], list, list]:
+    """Labels whose centroid lies in the job's core, their outlines in level-0 pixels and their
+    pixels (bounding box, mask within it)."""
     y0, y1, x0, x1 = job.core
     oy, ox = origin
-    kept, outlines = [], []
+    kept, outlines, pixels = [], [], []
     for label, box in enumerate(ndimage.find_objects(labels), start=1):
         if box is None:
             continue
@@ -312,31 +369,25 @@ def _owned_polygons(labels: np.ndarray, origin, job: RegionJob) -> tuple[list[in
         # Contours run through boundary pixel centres (+0.5) at the model's resolution.
         offset = np.array([box[1].start + ox + 0.5, box[0].start + oy + 0.5])
         kept.append(label)
+        pixels.append((box, mask))
         outlines.append(Polygon(_outline(mask) + offset))
     # Out by half a pixel to the pixels' outer edges (else small nuclei lose ~10 % of their
     # area), then to level 0.
     grown = shapely.buffer(np.array(outlines, dtype=object), 0.5, join_style="mitre")
     geoms = shapely.transform(grown, lambda c: c * job.scale)
-    return kept, list(geoms)
+    return kept, list(geoms), pixels
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
     """The outer contour of a filled object as (n, 2) x, y; a pixel square for tiny ones."""
-    contours, _ = cv2.findContours(
-        np.pad(mask, 1).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
-    )
+    padded = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), np.uint8)
+    padded[1:-1, 1:-1] = mask
+    contours, _ = cv2.findContours(padded, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     contour = max(contours, key=cv2.contourArea)[:, 0, :].astype(np.float64) - 1
     if len(contour) < 3:
         x, y = contour.min(axis=0)
         return np.array([[x - 0.5, y - 0.5], [x + 0.5, y - 0.5], [x + 0.5, y + 0.5]])
     return contour
-
-
-def _label_means(labels: np.ndarray, values: np.ndarray) -> np.ndarray:
-    n = int(labels.max()) + 1
-    total = np.bincount(labels.ravel(), weights=values.ravel(), minlength=n)
-    count = np.bincount(labels.ravel(), minlength=n)
-    return total / np.maximum(count, 1)
 
 
 def _window_border(labels: np.ndarray, job: RegionJob) -> set[int]:

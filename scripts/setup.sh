@@ -8,8 +8,11 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 need_apt=()
 dpkg -s postgresql-15-postgis-3 >/dev/null 2>&1 || need_apt+=(postgresql-15-postgis-3)
-# Debian's Chromium: the dashboard's browser tests drive it with Playwright (no downloaded browser).
-dpkg -s chromium >/dev/null 2>&1 || need_apt+=(chromium)
+# Debian's Chromium: the dashboard's browser tests drive it with Playwright (no downloaded browser);
+# SPATIALDB_NO_BROWSER=1 leaves it out (a benchmark machine).
+if [ -z "${SPATIALDB_NO_BROWSER:-}" ]; then
+    dpkg -s chromium >/dev/null 2>&1 || need_apt+=(chromium)
+fi
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing ${need_apt[*]} with apt" >&2

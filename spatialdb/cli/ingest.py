@@ -6,10 +6,12 @@ on a Dask cluster (`--scheduler`).
 
 from __future__ import annotations
 
+import time
+
 import click
 
 from spatialdb.errors import UserError
-from spatialdb.pipeline.ingest import Outcome, ingest_one, load_model
+from spatialdb.pipeline.ingest import Outcome, ingest_many, load_model
 from spatialdb.pipeline.slides import slide_paths
 from spatialdb.store.db import connect
 
@@ -42,13 +44,37 @@ from spatialdb.store.db import connect
     help="Post-processing processes (default: one per core; 0 = in the main process).",
 )
 @click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Slides in flight at once: one slide's post-processing and loading overlap the next "
+    "one's inference.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["openvino", "torch"]),
+    help="What runs the network (default: openvino on the CPU, torch on CUDA).",
+)
+@click.option(
     "--scheduler",
     metavar="ADDRESS",
     help="Dask scheduler (tcp://host:8786): ingest the slides on its workers, in parallel.",
 )
 @click.pass_obj
 def ingest(
-    obj: dict, slides, mpp, force, weights, device, batch_size, compress_slides, workers, scheduler
+    obj: dict,
+    slides,
+    mpp,
+    force,
+    weights,
+    device,
+    batch_size,
+    compress_slides,
+    workers,
+    jobs,
+    backend,
+    scheduler,
 ):
     """Segment SLIDES (files, directories or globs) and store their objects, one atomic run per
     slide. Slides already stored with the same content and model are skipped unless --force."""
@@ -68,14 +94,15 @@ def ingest(
             outcomes[k] = outcome
             _report(outcome)
     else:
-        model = load_model(weights, device, embeddings=compress_slides)
-        outcomes = []
-        for path in paths:
-            outcome = ingest_one(
-                engine, path, model, workers=workers, compress=compress_slides, **options
-            )
-            outcomes.append(outcome)
+        model = load_model(weights, device, embeddings=compress_slides, backend=backend)
+        outcomes = [None] * len(paths)
+        started = time.perf_counter()
+        for k, outcome in ingest_many(
+            engine, paths, model, jobs=jobs, workers=workers, compress=compress_slides, **options
+        ):
+            outcomes[k] = outcome
             _report(outcome)
+        _cohort(outcomes, time.perf_counter() - started)
     _summary(outcomes)
     failed = sum(o.status == "failed" for o in outcomes)
     if failed:
@@ -100,6 +127,17 @@ def _report(outcome: Outcome) -> None:
             ranked = sorted(classes.items(), key=lambda item: -item[1])
             listed = ", ".join(f"{c} {n:,}" for c, n in ranked)
             click.echo(f"  {table}: {sum(classes.values()):,} ({listed})")
+
+
+def _cohort(outcomes: list[Outcome], seconds: float) -> None:
+    """The rate over several ingested slides: tissue per minute of wall time."""
+    done = [o for o in outcomes if o.status == "ingested"]
+    if len(done) > 1:
+        tissue = sum(o.tissue_mm2 for o in done)
+        click.echo(
+            f"{len(done)} slides, {tissue:.2f} mm² of tissue in {seconds:.1f} s: "
+            f"{tissue / (seconds / 60):.2f} mm² per minute"
+        )
 
 
 PHASES = ("open", "tissue_mask", "read", "infer", "wait", "load", "features", "total")

@@ -16,7 +16,7 @@ def load_encoder(weights: str | None, random_encoder: bool, seed: int, device: s
     from inference import weights as weights_io
     from inference.engine import CerberusModel
 
-    model, path = load_model(weights, device)
+    model, path = load_model(weights, device, backend="torch")  # it runs the encoder alone
     if not random_encoder:
         return model, path.name
     # The baseline: the same architecture, untrained.

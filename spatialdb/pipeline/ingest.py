@@ -55,6 +55,31 @@ def ingest_one(engine, path: Path, model, **options) -> Outcome:
         return Outcome(path, "failed", failure(path, exc))
 
 
+def ingest_many(engine, paths: list[Path], model, *, jobs: int = 2, **options):
+    """Ingest `paths` (`ingest_one`) with up to `jobs` slides in flight, yielding (index in
+    `paths`, Outcome) as they finish. The slides share one model whose forward passes take turns
+    (`CerberusModel.lock`), so that one slide's reading, post-processing, loading and feature
+    refresh overlap the next one's inference. Files of the same content go one after the other,
+    so that the later ones are skipped as before."""
+    if jobs <= 1 or len(paths) <= 1:
+        for k, path in enumerate(paths):
+            yield k, ingest_one(engine, path, model, **options)
+        return
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    groups: dict[str, list[int]] = {}
+    for k, path in enumerate(paths):
+        key = fingerprint(path) if path.is_file() else f"unreadable:{k}"
+        groups.setdefault(key, []).append(k)
+
+    def chain(indices: list[int]) -> list[tuple[int, Outcome]]:
+        return [(k, ingest_one(engine, paths[k], model, **options)) for k in indices]
+
+    with ThreadPoolExecutor(jobs, thread_name_prefix="ingest") as pool:
+        for future in as_completed([pool.submit(chain, group) for group in groups.values()]):
+            yield from future.result()
+
+
 def failure(path: Path, exc: Exception, work: str = "ingest") -> str:
     """One line on a slide whose `work` (ingest, compression) raised `exc` before it committed."""
     lost = lost_database(exc)
@@ -63,14 +88,18 @@ def failure(path: Path, exc: Exception, work: str = "ingest") -> str:
     return f"{path}: {type(exc).__name__}: {first_line(exc)}"
 
 
-def load_model(weights: str | None, device: str, *, embeddings: bool = False):
+def load_model(
+    weights: str | None, device: str, *, embeddings: bool = False, backend: str | None = None
+):
     """(CerberusModel on `device`, weights path): the shipped weights or a weights file; with
-    `embeddings`, one that also yields the compressed grid (`ingest --compress`)."""
+    `embeddings`, one that also yields the compressed grid (`ingest --compress`). `backend`
+    runs its forward pass (`inference.runtime`; default OpenVINO on the CPU)."""
     import torch
 
     from inference import weights as weights_io
     from inference.compress import CompressError, cells_per_tile
     from inference.engine import CerberusModel
+    from inference.runtime import default_backend
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
@@ -83,7 +112,13 @@ def load_model(weights: str | None, device: str, *, embeddings: bool = False):
             cells_per_tile(info.preset)
         except CompressError as exc:
             raise UserError(f"--compress: {exc}") from exc
-    model = CerberusModel(net.to(device), info, embeddings=embeddings)
+    backend = backend or default_backend(device)
+    try:
+        model = CerberusModel(
+            net.to(device), info, embeddings=embeddings, device=device, backend=backend
+        )
+    except ValueError as exc:
+        raise UserError(f"--backend: {exc}") from exc
     return model, Path(weights or weights_io.DEFAULT_WEIGHTS)
 
 

@@ -1,0 +1,131 @@
+"""Where the network's forward pass runs: PyTorch, or an OpenVINO graph on the CPU.
+
+`torch` runs the `CerberusNet` eagerly in channels-last memory order with bf16 autocast where
+the device has it (CUDA, CPUs with bf16 instructions); it serves CUDA and every CPU. `openvino`
+runs the same network exported once to an OpenVINO graph (`openvino.convert_model`: batch norm
+folded into the convolutions, ReLU, additions and upsampling fused) and compiled for this CPU,
+in bf16 where the CPU has bf16 instructions: on a 2-core Zen 5 a 1,024 px tile of the default
+model takes 0.17 s against 1.13 s eagerly. The exported graph is cached on disk per weights,
+tasks, tile size and OpenVINO version (`cache_dir`), since exporting takes about 10 s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from inference.network import CerberusNet
+from inference.predict import autocast, use_bf16
+
+BACKENDS = ("openvino", "torch")
+#: Bump when the exported graph changes for the same weights and tasks.
+EXPORT_VERSION = 1
+
+
+def default_backend(device: str) -> str:
+    """OpenVINO on the CPU where it is installed, PyTorch otherwise."""
+    if device == "cpu":
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "openvino"
+    return "torch"
+
+
+def cache_dir() -> Path:
+    """`$SPATIALDB_CACHE`, else the user's cache directory for spatialdb."""
+    if os.environ.get("SPATIALDB_CACHE"):
+        return Path(os.environ["SPATIALDB_CACHE"])
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("spatialdb"))
+
+
+class TorchForward:
+    """The network in PyTorch on `device`: logits per requested head, as `CerberusNet` gives."""
+
+    def __init__(self, net: CerberusNet, tasks: tuple[str, ...], device: str):
+        self.net = net.to(device, memory_format=torch.channels_last)
+        self.tasks, self.device = tasks, device
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        images = images.to(self.device).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast(self.device):
+            return self.net(images, tasks=self.tasks)
+
+
+class _Outputs(torch.nn.Module):
+    """The network's heads as a tuple in a fixed order, for export."""
+
+    def __init__(self, net: CerberusNet, tasks: tuple[str, ...], names: list[str]):
+        super().__init__()
+        self.net, self.tasks, self.names = net, tasks, names
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.net(images, tasks=self.tasks)
+        return tuple(out[name] for name in self.names)
+
+
+class OpenVINOForward:
+    """The network as a compiled OpenVINO graph on the CPU, one tile per inference (the same
+    throughput per tile as larger batches there): logits per requested head, as tensors."""
+
+    def __init__(self, net: CerberusNet, tasks: tuple[str, ...], weights_sha256: str):
+        import openvino as ov
+
+        size = net.preset.input_size
+        net = net.to("cpu").eval()
+        self.names = net.output_names(tasks)
+        key = hashlib.sha256(
+            f"{weights_sha256}|{','.join(self.names)}|{size}|{ov.__version__}|{EXPORT_VERSION}".encode()
+        ).hexdigest()[:24]
+        path = cache_dir() / "openvino" / f"cerberus-{key}.xml"
+        if not path.exists():
+            _export(_Outputs(net, tasks, self.names), size, path)
+        core = ov.Core()
+        precision = "bf16" if use_bf16("cpu") else "f32"
+        self.compiled = core.compile_model(
+            core.read_model(path),
+            "CPU",
+            {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"},
+        )
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        batch = images.detach().to("cpu", torch.float32).numpy()
+        outs: dict[str, list[np.ndarray]] = {name: [] for name in self.names}
+        for image in batch:
+            result = self.request.infer([image[None]])
+            for k, name in enumerate(self.names):
+                outs[name].append(np.array(result[k]))
+        return {name: torch.from_numpy(np.concatenate(v)) for name, v in outs.items()}
+
+
+def _export(module: torch.nn.Module, size: int, path: Path) -> None:
+    """Export `module` for (1, 3, size, size) inputs to an OpenVINO graph at `path`, written
+    under temporary names and renamed, so that a crash leaves no half-written graph."""
+    import openvino as ov
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.inference_mode():
+        model = ov.convert_model(module.eval(), example_input=torch.zeros(1, 3, size, size))
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.xml")
+    ov.save_model(model, partial, compress_to_fp16=False)
+    partial.with_suffix(".bin").replace(path.with_suffix(".bin"))
+    partial.replace(path)
+
+
+def forward_for(net: CerberusNet, tasks, device: str, backend: str, weights_sha256: str):
+    """The forward pass of `net` for `tasks` with `backend` ('openvino' only on the CPU)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "openvino":
+        if device != "cpu":
+            raise ValueError(f"the openvino backend runs on the CPU, not on {device}")
+        return OpenVINOForward(net, tuple(tasks), weights_sha256)
+    return TorchForward(net, tuple(tasks), device)
