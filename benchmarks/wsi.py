@@ -166,7 +166,12 @@ def main() -> int:
         cells = [f"{size:g}", backend, f"{tissue:.1f}", f"{med['model']:.1f}"]
         cells += [f"{med[p]:.1f}" for p in (*PHASES, "total")]
         busy = med["cpu"] / wall
-        cells += [f"{wall:.1f}", f"{busy:.2f}", f"{tissue / (med['total'] / 60):.2f}", f"{peak:.0f}"]
+        cells += [
+            f"{wall:.1f}",
+            f"{busy:.2f}",
+            f"{tissue / (med['total'] / 60):.2f}",
+            f"{peak:.0f}",
+        ]
         print("| " + " | ".join(cells) + " |")
 
     for backend in args.backend:

@@ -219,6 +219,7 @@ def _worker_start(parent: int) -> None:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):  # not Linux
         os.nice(19)
+
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(0.5)

@@ -259,3 +259,26 @@ class TypedDetections:
         fn_d = np.sum(np.asarray(self.unpaired_true) == kind)
         denominator = 2 * (tp + tn) + 2 * fp + 2 * fn + fp_d + fn_d
         return float(2 * (tp + tn) / denominator) if denominator else 1.0
+
+
+def polygon_agreement(a: list, b: list, iou: float = 0.5) -> dict[str, float]:
+    """How far two sets of polygons (two runs over the same slide) find the same objects: pairs
+    with IoU above `iou` (at most one such partner each, as for PQ), the share of either set
+    paired, and the median IoU of the pairs."""
+    import shapely
+
+    tree = shapely.STRtree(b)
+    ious = []
+    for polygon in a:
+        candidates = [b[k] for k in tree.query(polygon, predicate="intersects")]
+        best = max(
+            (polygon.intersection(c).area / polygon.union(c).area for c in candidates), default=0
+        )
+        if best > iou:
+            ious.append(best)
+    return {
+        "pairs": len(ious),
+        "share_a": len(ious) / max(len(a), 1),
+        "share_b": len(ious) / max(len(b), 1),
+        "median_iou": float(np.median(ious)) if ious else 0.0,
+    }

@@ -49,6 +49,8 @@ CHANNELS = (
     "green",
     "blue",
 )
+#: The CHANNELS of glands and lumina, post-processed over a region's whole window.
+REGION_CHANNELS = tuple(CHANNELS.index(c) for c in ("gland_inner", "lumen_inner", "gland_type"))
 #: The leading CHANNELS that hold probabilities (the rest are type indices and pixel values).
 PROBABILITY_CHANNELS = 4
 #: Where the distance maps and the RGB pixels lie among the CHANNELS.
@@ -280,10 +282,14 @@ def assemble(grid: Grid, region: Region, tiles: dict) -> tuple[np.ndarray, tuple
 
 @dataclass
 class RegionJob:
-    """Everything a worker process needs to post-process one region's window."""
+    """Everything a worker process needs to post-process one region: the `REGION_CHANNELS` of
+    its whole window, and all `CHANNELS` of the part where nuclei are sought (its core plus
+    `NUCLEI_MARGIN_PX`), so that no more than that travels to the worker."""
 
-    window: np.ndarray
+    window: np.ndarray  # (3, H, W) REGION_CHANNELS
     origin: tuple[int, int]
+    nuclear: np.ndarray  # (11, h, w) CHANNELS
+    nuclear_origin: tuple[int, int]
     core: tuple[int, int, int, int]  # model pixels y0, y1, x0, x1
     slide_shape: tuple[int, int]
     scale: tuple[float, float]
@@ -291,32 +297,32 @@ class RegionJob:
     mpp: float
     nucleus_types: list[str]
     gland_types: list[str]
-    hv: bool = False  # the window's distance-map channels hold the weights' `Nuclei-HV`
+    hv: bool = False  # the distance-map channels hold the weights' `Nuclei-HV`
 
 
 def region_job(grid: Grid, region: Region, tiles: dict, **fields) -> RegionJob:
-    window, origin = assemble(grid, region, tiles)
+    window, (oy, ox) = assemble(grid, region, tiles)
     r0, r1, c0, c1 = region.core
     t = grid.tile
-    core = (r0 * t, min(r1 * t, grid.shape[0]), c0 * t, min(c1 * t, grid.shape[1]))
-    return RegionJob(window, origin, core, grid.shape, grid.scale, **fields)
+    y0, y1, x0, x1 = core = (r0 * t, min(r1 * t, grid.shape[0]), c0 * t, min(c1 * t, grid.shape[1]))
+    ny0, nx0 = max(y0 - NUCLEI_MARGIN_PX, oy), max(x0 - NUCLEI_MARGIN_PX, ox)
+    ny1 = min(y1 + NUCLEI_MARGIN_PX, oy + window.shape[1])
+    nx1 = min(x1 + NUCLEI_MARGIN_PX, ox + window.shape[2])
+    nuclear = window[:, ny0 - oy : ny1 - oy, nx0 - ox : nx1 - ox].copy()
+    regions_ = window[list(REGION_CHANNELS)]
+    return RegionJob(
+        regions_, (oy, ox), nuclear, (ny0, nx0), core, grid.shape, grid.scale, **fields
+    )
 
 
 def process_region(job: RegionJob) -> tuple[list[Objects], dict]:
     """Instances of one region as polygons, and counts (`truncated` glands)."""
-    oy, ox = job.origin
-    y0, y1, x0, x1 = job.core
-    gland, lumen = job.window[0], job.window[1]  # uint8 probabilities × 255
-
+    gland, lumen, gland_type = job.window  # uint8: probabilities × 255, type indices
     # Nuclei on the core plus a small margin; glands and lumina on the whole window.
-    ny0, nx0 = max(y0 - NUCLEI_MARGIN_PX, oy), max(x0 - NUCLEI_MARGIN_PX, ox)
-    ny1 = min(y1 + NUCLEI_MARGIN_PX, oy + job.window.shape[1])
-    nx1 = min(x1 + NUCLEI_MARGIN_PX, ox + job.window.shape[2])
-    crop = np.s_[ny0 - oy : ny1 - oy, nx0 - ox : nx1 - ox]
-    inner, contour = (job.window[k][crop].astype(np.float32) / 255 for k in (2, 3))
+    inner, contour = (job.nuclear[k].astype(np.float32) / 255 for k in (2, 3))
     maps = {"Nuclei-INST": (None, inner, contour)}
     if job.hv:
-        maps[NUCLEI_HV] = job.window[(HV_CHANNELS, *crop)].astype(np.float32) / 127.5 - 1
+        maps[NUCLEI_HV] = job.nuclear[HV_CHANNELS].astype(np.float32) / 127.5 - 1
     nuclei = instances(maps, job.settings, job.mpp)["Nuclei"]
     regions_ = instances(
         {"Gland-INST": (None, gland, None), "Lumen-INST": (None, lumen, None)},
@@ -325,13 +331,13 @@ def process_region(job: RegionJob) -> tuple[list[Objects], dict]:
     )
 
     out = []
-    kept, geoms, _ = _owned_polygons(nuclei, (ny0, nx0), job)
-    types = majority_types(nuclei, job.window[4][crop], len(job.nucleus_types))
+    kept, geoms, _ = _owned_polygons(nuclei, job.nuclear_origin, job)
+    types = majority_types(nuclei, job.nuclear[4], len(job.nucleus_types))
     classes = [job.nucleus_types[types[i][0]] if i in types else "nucleus" for i in kept]
     prob = np.array([types[i][1] if i in types else np.nan for i in kept], np.float32)
     measured = {}
     if kept:
-        rgb = job.window[(RGB_CHANNELS, *crop)].transpose(1, 2, 0)
+        rgb = job.nuclear[RGB_CHANNELS].transpose(1, 2, 0)
         ring_px = max(1, round(RING_UM / job.mpp))
         index = np.array(kept) - 1
         measured = {k: v[index] for k, v in nucleus_intensity(nuclei, rgb, ring_px).items()}
@@ -341,12 +347,12 @@ def process_region(job: RegionJob) -> tuple[list[Objects], dict]:
     border = _window_border(regions_["Gland"], job)
     for task, probs in (("Gland", gland), ("Lumen", lumen)):
         labels = regions_[task]
-        kept, geoms, pixels = _owned_polygons(labels, (oy, ox), job)
+        kept, geoms, pixels = _owned_polygons(labels, job.origin, job)
         mean = np.array([probs[box][mask].mean() / 255 for box, mask in pixels])
         classes = [task.lower()] * len(kept)
         if task == "Gland":
             truncated = len(set(kept) & border)
-            types = majority_types(labels, job.window[5], len(job.gland_types))
+            types = majority_types(labels, gland_type, len(job.gland_types))
             classes = [job.gland_types[types[i][0]] if i in types else "gland" for i in kept]
         out.append(Objects(task, geoms, classes, mean.astype(np.float32)))
     return out, {"truncated": truncated}

@@ -2,7 +2,9 @@
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
+from inference import postprocess
 from inference.postprocess import (
     lumina_inside_glands,
     majority_types,
@@ -11,7 +13,7 @@ from inference.postprocess import (
     region_instances,
     type_map,
 )
-from inference.targets import hv_maps, inner_contour_map
+from inference.targets import disk, hv_maps, inner_contour_map
 
 
 def probabilities(classes: np.ndarray) -> np.ndarray:
@@ -123,3 +125,50 @@ def test_type_map_takes_the_best_real_type_and_leaves_untrained_heads_at_zero():
     probs[:, 0, 1] = [0.1, 0.2, 0.7]
     probs[:, 0, 2] = [1.0, 0.0, 0.0]  # real types zeroed (untrained): no type
     assert type_map(probs).tolist() == [[1, 2, 0]]
+
+
+def _blobs(seed: int, shape=(300, 400), sigma=6.0, quantile=0.6) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    field = ndimage.gaussian_filter(rng.random(shape), sigma)
+    return ndimage.label(field > np.quantile(field, quantile))[0]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("radius", [1, 2, 4, 6, 9])
+def test_nearest_within_is_the_distance_transform_with_indices(seed, radius):
+    labels = _blobs(seed, sigma=3.0 + seed)
+    distance, (iy, ix) = ndimage.distance_transform_edt(labels == 0, return_indices=True)
+    expected = np.where(distance <= radius, labels[iy, ix], 0)
+    np.testing.assert_array_equal(postprocess.nearest_within(labels, radius), expected)
+
+
+@pytest.mark.parametrize("radius", [1, 4])
+def test_dilate_labels_is_grey_dilation_with_a_disk(radius):
+    labels = _blobs(7)
+    expected = ndimage.grey_dilation(labels, footprint=disk(radius))
+    np.testing.assert_array_equal(postprocess.dilate_labels(labels, radius), expected)
+    many = labels + 70_000 * (labels > 0)  # past uint16: the float32 path
+    expected = ndimage.grey_dilation(many, footprint=disk(radius))
+    np.testing.assert_array_equal(postprocess.dilate_labels(many, radius), expected)
+
+
+def test_small_labels_go_and_the_rest_are_numbered_in_order():
+    labels = np.array([[0, 5, 5, 9], [2, 2, 0, 9], [2, 0, 7, 7]])
+    np.testing.assert_array_equal(
+        postprocess._remove_small(labels, 2),
+        [[0, 2, 2, 4], [1, 1, 0, 4], [1, 0, 3, 3]],
+    )
+    np.testing.assert_array_equal(
+        postprocess._remove_small(labels, 3), [[0, 0, 0, 0], [1, 1, 0, 0], [1, 0, 0, 0]]
+    )
+    consecutive = np.array([[1, 2], [0, 3]])
+    assert postprocess._relabel(consecutive) is consecutive  # nothing to renumber
+
+
+def test_uint8_probabilities_threshold_as_their_float_values():
+    values = np.arange(256, dtype=np.uint8)
+    for threshold in (0.2, 0.3, 0.5, 0.7):
+        np.testing.assert_array_equal(
+            postprocess.above(values, threshold),
+            values.astype(np.float32) / 255 > threshold,
+        )

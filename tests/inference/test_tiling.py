@@ -14,7 +14,7 @@ MPP = 0.5
 SETTINGS = {**POSTPROCESS, "contour_px": {"Gland": 4, "Lumen": 3, "Nuclei": 2}}
 TYPES = ["nolabel", "other", "inflammatory", "epithelial", "connective"]
 GLAND_TYPES = ["nolabel", "benign gland", "malignant gland"]
-REGION_TILES, MARGIN_TILES = 4, 2  # regions as 384 px tiles make them, in 64 px tiles
+REGION_TILES, MARGIN_TILES = 4, 2  # in 64 px tiles: many small regions
 
 
 def disc_channels(shape, discs, contour_px):
@@ -59,17 +59,21 @@ def synthetic_tiles(shape, nuclei, glands, hv=False):
     }
 
 
-def run_regions(shape, tiles, mask=None, hv=False):
+def run_regions(shape, tiles, mask=None, hv=False, band=tiling.BAND_REGIONS, spill_dir=None):
+    """Objects found region by region as `segment_slide` streams them (tiles idle between
+    bands wait in `spill_dir`, or in memory without one), the most tiles held in memory at once
+    and the grid."""
     mask = np.ones(shape, bool) if mask is None else mask
     grid = tiling.Grid.over(shape, (2.0, 2.0), TILE, 16, mask)
-    plan = tiling.regions(grid, REGION_TILES, MARGIN_TILES)
-    sched = tiling.schedule(grid, plan)
-    held, found = {}, {"Nuclei": [], "Gland": []}
+    plan = tiling.regions(grid, REGION_TILES, MARGIN_TILES, band=band)
+    sched = tiling.schedule(grid, plan, band=band)
+    held = tiling.TileStore(spill_dir) if spill_dir else {}
+    found = {"Nuclei": [], "Gland": []}
     next_region = 0
     max_held = 0
     for done, rc in enumerate(sched.order, start=1):  # the inference stream, tile by tile
         held[rc] = tiles[rc]
-        max_held = max(max_held, len(held))
+        max_held = max(max_held, len(getattr(held, "memory", held)))
         while next_region < len(plan) and sched.ready_after[next_region] <= done:
             region = plan[next_region]
             job = tiling.region_job(
@@ -84,7 +88,10 @@ def run_regions(shape, tiles, mask=None, hv=False):
             )
             for tile, last in sched.last_use.items():
                 if last == region.index:
-                    held.pop(tile, None)
+                    held.pop(tile)
+            if spill_dir:
+                for tile in sched.idle_after[region.index]:
+                    held.spill(tile)
             objects, _ = tiling.process_region(job)
             for o in objects:
                 if o.task in found:
@@ -141,12 +148,28 @@ def test_nuclei_from_distance_maps_split_and_come_out_once_across_borders():
     assert len(without_hv["Nuclei"]) == len(pairs)  # the inner/contour path alone merges them
 
 
-def test_memory_holds_a_band_of_tiles_not_the_slide():
+def test_memory_holds_a_band_of_tiles_not_the_slide(tmp_path):
     shape = (64 * 40, 64 * 12)  # 40 rows of tiles
     tiles = synthetic_tiles(shape, [], [])
-    _, max_held, grid = run_regions(shape, tiles)
+    _, max_held, grid = run_regions(shape, tiles, spill_dir=str(tmp_path))
     band = (REGION_TILES + 2 * MARGIN_TILES) * grid.cols
     assert max_held <= band < grid.rows * grid.cols / 3
+
+
+def test_bands_hold_their_own_width_and_idle_tiles_wait_on_disk(tmp_path):
+    shape = (64 * 14, 64 * 40)  # 40 columns of tiles: five bands of two 4-tile regions
+    nuclei = [(64 * r + 20, 64 * c + 30, 7) for r in range(0, 14, 3) for c in range(0, 40, 3)]
+    glands = [(300, 64 * 8 - 4, 60), (600, 64 * 24 + 10, 70)]  # astride band edges
+    tiles = synthetic_tiles(shape, nuclei, glands)
+    found, max_held, grid = run_regions(shape, tiles, spill_dir=str(tmp_path))
+    window_cols = tiling.BAND_REGIONS * REGION_TILES + 2 * MARGIN_TILES
+    assert max_held <= (REGION_TILES + 2 * MARGIN_TILES) * window_cols < grid.cols * 6
+    assert list(tmp_path.iterdir()) == []  # every idle tile read back and removed
+    # The same objects as visiting the slide row by row across its whole width.
+    rows, _, _ = run_regions(shape, tiles, band=grid.cols)
+    for kind in ("Nuclei", "Gland"):
+        assert len(found[kind]) == len(rows[kind]) > 0
+        assert sorted(g.wkb for g, _ in found[kind]) == sorted(g.wkb for g, _ in rows[kind])
 
 
 def test_no_objects_outside_the_tissue_mask():
@@ -173,5 +196,5 @@ def test_mask_polygons_outline_the_mask(holes):
 
 
 def test_regions_cover_the_same_pixels_whatever_the_tile_size():
-    assert tiling.region_shape(384) == (4, 2)
-    assert tiling.region_shape(768) == (2, 1)
+    assert tiling.region_shape(384) == (8, 2)
+    assert tiling.region_shape(768) == (4, 1)

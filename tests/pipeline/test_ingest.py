@@ -243,3 +243,24 @@ def test_an_unreachable_database_is_one_line(cli_env):
     assert result.returncode == 1
     assert result.stderr.strip().startswith("spatialdb: error: cannot use the database at")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_several_slides_in_flight_store_each_once(engine, model, tmp_path):
+    from spatialdb.pipeline.ingest import ingest_many
+
+    paths = [
+        write_pyramid(tmp_path / f"s{k}.tiff", tissue_image(700, 900, seed=k), 0.5)
+        for k in range(3)
+    ]
+    copy = tmp_path / "copy.tiff"
+    copy.write_bytes(paths[0].read_bytes())  # the same content: skipped, not stored twice
+    outcomes = dict(ingest_many(engine, [*paths, copy], model, jobs=2, workers=1))
+    assert sorted(outcomes) == [0, 1, 2, 3]
+    assert [outcomes[k].status for k in range(4)] == ["ingested"] * 3 + ["skipped"]
+    assert outcomes[3].slide_id == outcomes[0].slide_id
+    assert scalar(engine, "SELECT count(*) FROM slide") == 3
+    for k in range(3):
+        stored = scalar(
+            engine, "SELECT count(*) FROM nucleus WHERE slide_id = :s", s=outcomes[k].slide_id
+        )
+        assert stored == sum(outcomes[k].counts["nucleus"].values()) > 0

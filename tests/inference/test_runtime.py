@@ -1,0 +1,70 @@
+"""The network's runtimes: OpenVINO on the CPU finds the objects PyTorch finds, and a wrong
+choice of runtime is one clear error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from inference import runtime, weights
+from inference.engine import CerberusModel, segment_slide
+from inference.metrics import polygon_agreement
+from inference.slide import open_slide, tissue_mask
+from tests.slides import SAMPLE
+
+
+@pytest.fixture(scope="module")
+def sample_objects(tmp_path_factory):
+    """The sample slide's objects from each runtime; the OpenVINO graph exported afresh."""
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SPATIALDB_CACHE", str(cache))
+        reader = open_slide(SAMPLE)
+        mask = tissue_mask(reader)
+        found = {}
+        for backend in ("torch", "openvino"):
+            net, info = weights.load()
+            model = CerberusModel(net, info, backend=backend)
+            found[backend] = {o.task: o for o in segment_slide(reader, model, mask, workers=0)}
+        exported = sorted(p.suffix for p in (cache / "openvino").iterdir())
+    return found, exported
+
+
+def test_the_exported_graph_is_cached_whole(sample_objects):
+    _, exported = sample_objects
+    assert exported == [".bin", ".xml"]  # no partial files left
+
+
+@pytest.mark.parametrize("task", ["Nuclei", "Gland", "Lumen"])
+def test_openvino_finds_the_objects_torch_finds(sample_objects, task):
+    found, _ = sample_objects
+    torch_objects, openvino_objects = found["torch"][task], found["openvino"][task]
+    assert len(torch_objects) > 0
+    agree = polygon_agreement(torch_objects.geoms, openvino_objects.geoms)
+    # bf16 in both runtimes, in different orders of operations: a few borderline objects differ
+    assert agree["share_a"] >= 0.95 and agree["share_b"] >= 0.95, agree
+    assert agree["median_iou"] >= 0.95, agree
+    assert found["torch"]["Tissue"].classes == found["openvino"]["Tissue"].classes
+
+
+def test_the_default_runtime_is_openvino_on_the_cpu_and_torch_on_cuda():
+    assert runtime.default_backend("cpu") == "openvino"
+    assert runtime.default_backend("cuda") == "torch"
+
+
+def test_a_wrong_runtime_is_a_value_error():
+    net, info = weights.load()
+    with pytest.raises(ValueError, match="unknown backend 'onnx'"):
+        runtime.forward_for(net, ("Gland",), "cpu", "onnx", info.sha256)
+    with pytest.raises(ValueError, match="runs on the CPU, not on cuda"):
+        runtime.forward_for(net, ("Gland",), "cuda", "openvino", info.sha256)
+
+
+def test_torch_runtime_keeps_the_networks_outputs():
+    net, _ = weights.load()
+    forward = runtime.TorchForward(net, ("Nuclei",), "cpu")
+    images = np.random.default_rng(0).integers(0, 255, (1, 3, 256, 256)).astype(np.float32)
+    out = forward(torch.from_numpy(images))
+    assert set(out) == set(net.output_names(("Nuclei",))) == {"Nuclei-INST"}
+    assert out["Nuclei-INST"].shape == (1, 3, 256, 256)
