@@ -3,15 +3,16 @@
 Builds (once, cached in `out/wsi-bench/`) the benchmark slides of `benchmarks/wsi_slides.py` at
 the requested sizes (mm² of tissue) and ingests each (--force) in a child process, reporting wall
 time, time per phase (post-processing in CPU seconds of the worker processes), tissue mm² per
-minute (tissue as the ingest's own mask measures it) and the peak RSS of the whole process tree
-(the ingest and its post-processing workers, as proportional set size: pages the forked
-workers share with the ingest counted once; sampled every second: reading it costs about 8 ms
-per process). Then a least-squares line of
-time against tissue area, and peak memory at the largest size over the smallest: time must grow
+minute (tissue as the ingest's own mask measures it), how many cores were busy on average (CPU
+seconds of the process tree over wall seconds; the database server's work not counted) and the
+peak memory of the whole process tree (the ingest and its post-processing workers, as
+proportional set size: pages the forked workers share with the ingest counted once; sampled
+every second, as reading it costs about 8 ms per process). Then a least-squares line of time
+against tissue area, and peak memory at the largest size over the smallest: time must grow
 linearly with area (seconds per mm² the same at every size) and memory stay flat.
 
     python benchmarks/wsi.py [--sizes 4 16 64] [--device cpu|cuda] [--data ../shared/data]
-                             [--backend openvino|torch ...] [--repeat 1]
+                             [--backend openvino|torch ...] [--repeat 1] [--batch-size N]
 
 With several `--backend`s every slide is ingested with each, alternating, so that the speed work
 is measured before and after in one run. Uses SPATIALDB_URL, or the embedded cluster in
@@ -44,7 +45,7 @@ CACHE = ROOT / "out" / "wsi-bench"
 PHASES = ("open", "tissue_mask", "read", "infer", "postprocess", "wait", "load", "features")
 
 
-def ingest_child(slide: Path, report: Path, device: str, backend: str) -> None:
+def ingest_child(slide: Path, report: Path, device: str, backend: str, batch: int | None) -> None:
     """In the child process: ingest `slide` once (--force) and write its outcome as JSON."""
     import logging
 
@@ -55,7 +56,7 @@ def ingest_child(slide: Path, report: Path, device: str, backend: str) -> None:
     started = time.perf_counter()
     model = load_model(None, device, backend=backend)
     loaded = time.perf_counter() - started
-    outcome = ingest_slide(connect(), slide, model, force=True, device=device)
+    outcome = ingest_slide(connect(), slide, model, force=True, device=device, batch_size=batch)
     if outcome.status != "ingested":
         raise SystemExit(f"{slide}: {outcome.status}: {outcome.message}")
     cpu = sum(
@@ -74,12 +75,13 @@ def ingest_child(slide: Path, report: Path, device: str, backend: str) -> None:
     )
 
 
-def measured_ingest(slide: Path, device: str, backend: str) -> dict:
+def measured_ingest(slide: Path, device: str, backend: str, batch: int | None) -> dict:
     """Ingest `slide` in a child process; its outcome, wall time and peak process-tree RSS."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "outcome.json"
         command = [sys.executable, __file__, "--child", str(slide), str(report)]
         command += ["--device", device, "--backend", backend]
+        command += ["--batch-size", str(batch)] if batch else []
         started = time.perf_counter()
         child = subprocess.Popen(command)
         proc = psutil.Process(child.pid)
@@ -114,10 +116,11 @@ def main() -> int:
     parser.add_argument("--backend", nargs="+", default=["openvino"])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, help="tiles per forward pass (GPU)")
     parser.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        ingest_child(*args.child, args.device, args.backend[0])
+        ingest_child(*args.child, args.device, args.backend[0], args.batch_size)
         return 0
 
     data = args.data if (args.data / "glas" / "images").is_dir() else None
@@ -139,7 +142,7 @@ def main() -> int:
     for k in range(args.repeat):
         for size, path in slides.items():
             for backend in args.backend:
-                run = measured_ingest(path, args.device, backend)
+                run = measured_ingest(path, args.device, backend, args.batch_size)
                 runs.setdefault((size, backend), []).append(run)
                 print(
                     f"run {k + 1} {path.name} {backend}: {run['wall']:.1f} s, "

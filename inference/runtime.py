@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inference.network import CerberusNet
 from inference.predict import autocast, use_bf16
 
 BACKENDS = ("openvino", "torch")
 #: Bump when the exported graph changes for the same weights and tasks.
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
 
 
 def default_backend(device: str) -> str:
@@ -47,46 +46,34 @@ def cache_dir() -> Path:
 
 
 class TorchForward:
-    """The network in PyTorch on `device`: logits per requested head, as `CerberusNet` gives."""
+    """A module (`inference.engine.TileHeads`) run eagerly by PyTorch on `device`, with
+    channels-last inputs and bf16 autocast where the device has it."""
 
-    def __init__(self, net: CerberusNet, tasks: tuple[str, ...], device: str):
-        self.net = net.to(device, memory_format=torch.channels_last)
-        self.tasks, self.device = tasks, device
+    def __init__(self, module: torch.nn.Module, device: str):
+        self.module = module.to(device, memory_format=torch.channels_last).eval()
+        self.device = device
 
-    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         images = images.to(self.device).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), autocast(self.device):
-            return self.net(images, tasks=self.tasks)
-
-
-class _Outputs(torch.nn.Module):
-    """The network's heads as a tuple in a fixed order, for export."""
-
-    def __init__(self, net: CerberusNet, tasks: tuple[str, ...], names: list[str]):
-        super().__init__()
-        self.net, self.tasks, self.names = net, tasks, names
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.net(images, tasks=self.tasks)
-        return tuple(out[name] for name in self.names)
+            return self.module(images)
 
 
 class OpenVINOForward:
-    """The network as a compiled OpenVINO graph on the CPU, one tile per inference (the same
-    throughput per tile as larger batches there): logits per requested head, as tensors."""
+    """A module (`inference.engine.TileHeads`) as a compiled OpenVINO graph on the CPU, one
+    tile per inference (the same throughput per tile as larger batches there). `key` names what
+    the graph computes (weights and outputs): the exported graph is cached under it."""
 
-    def __init__(self, net: CerberusNet, tasks: tuple[str, ...], weights_sha256: str):
+    def __init__(self, module: torch.nn.Module, input_size: int, key: str):
         import openvino as ov
 
-        size = net.preset.input_size
-        net = net.to("cpu").eval()
-        self.names = net.output_names(tasks)
-        key = hashlib.sha256(
-            f"{weights_sha256}|{','.join(self.names)}|{size}|{ov.__version__}|{EXPORT_VERSION}".encode()
+        module = module.to("cpu").eval()
+        digest = hashlib.sha256(
+            f"{key}|{input_size}|{ov.__version__}|{EXPORT_VERSION}".encode()
         ).hexdigest()[:24]
-        path = cache_dir() / "openvino" / f"cerberus-{key}.xml"
+        path = cache_dir() / "openvino" / f"cerberus-{digest}.xml"
         if not path.exists():
-            _export(_Outputs(net, tasks, self.names), size, path)
+            _export(module, input_size, path)
         core = ov.Core()
         precision = "bf16" if use_bf16("cpu") else "f32"
         self.compiled = core.compile_model(
@@ -96,14 +83,14 @@ class OpenVINOForward:
         )
         self.request = self.compiled.create_infer_request()
 
-    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         batch = images.detach().to("cpu", torch.float32).numpy()
-        outs: dict[str, list[np.ndarray]] = {name: [] for name in self.names}
+        outs: list[list[np.ndarray]] = [[] for _ in self.compiled.outputs]
         for image in batch:
             result = self.request.infer([image[None]])
-            for k, name in enumerate(self.names):
-                outs[name].append(np.array(result[k]))
-        return {name: torch.from_numpy(np.concatenate(v)) for name, v in outs.items()}
+            for k in range(len(outs)):
+                outs[k].append(np.array(result[k]))
+        return tuple(torch.from_numpy(np.concatenate(v)) for v in outs)
 
 
 def _export(module: torch.nn.Module, size: int, path: Path) -> None:
@@ -113,19 +100,19 @@ def _export(module: torch.nn.Module, size: int, path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode():
-        model = ov.convert_model(module.eval(), example_input=torch.zeros(1, 3, size, size))
+        model = ov.convert_model(module, example_input=torch.zeros(1, 3, size, size))
     partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.xml")
     ov.save_model(model, partial, compress_to_fp16=False)
     partial.with_suffix(".bin").replace(path.with_suffix(".bin"))
     partial.replace(path)
 
 
-def forward_for(net: CerberusNet, tasks, device: str, backend: str, weights_sha256: str):
-    """The forward pass of `net` for `tasks` with `backend` ('openvino' only on the CPU)."""
+def forward_for(module: torch.nn.Module, input_size: int, device: str, backend: str, key: str):
+    """`module`'s forward pass with `backend` ('openvino' only on the CPU)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "openvino":
         if device != "cpu":
             raise ValueError(f"the openvino backend runs on the CPU, not on {device}")
-        return OpenVINOForward(net, tuple(tasks), weights_sha256)
-    return TorchForward(net, tuple(tasks), device)
+        return OpenVINOForward(module, input_size, key)
+    return TorchForward(module, device)

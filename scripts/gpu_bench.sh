@@ -14,5 +14,5 @@ print("gpu:", torch.cuda.get_device_name(0), "| cpu cores:", __import__("os").cp
 PY
 .venv/bin/spatialdb db upgrade >/dev/null
 echo "gpu_bench: set up in $(( $(date +%s) - started )) s" >&2
-.venv/bin/python benchmarks/wsi.py --sizes 100 --device cuda --backend torch "$@"
+.venv/bin/python benchmarks/wsi.py --sizes 100 --device cuda --backend torch --batch-size 16 "$@"
 echo "gpu_bench: done in $(( $(date +%s) - started )) s" >&2
