@@ -13,10 +13,12 @@ linearly with area (seconds per mm² the same at every size) and memory stay fla
 
     python benchmarks/wsi.py [--sizes 4 16 64] [--device cpu|cuda] [--data ../shared/data]
                              [--backend openvino|torch ...] [--repeat 1] [--batch-size N]
+                             [--cohort]
 
 With several `--backend`s every slide is ingested with each, alternating, so that the speed work
-is measured before and after in one run. Uses SPATIALDB_URL, or the embedded cluster in
-SPATIALDB_HOME.
+is measured before and after in one run. With `--cohort` the slides are then ingested together,
+one at a time and two at a time (`spatialdb ingest --jobs`), and the cohort's rate reported.
+Uses SPATIALDB_URL, or the embedded cluster in SPATIALDB_HOME.
 """
 
 from __future__ import annotations
@@ -75,6 +77,41 @@ def ingest_child(slide: Path, report: Path, device: str, backend: str, batch: in
     )
 
 
+def cohort_child(report: Path, jobs: int, device: str, slides: list[Path]) -> None:
+    """In the child process: ingest `slides` together (`ingest_many`, `jobs` in flight)."""
+    import logging
+
+    from spatialdb.pipeline.ingest import ingest_many, load_model
+    from spatialdb.store.db import connect
+
+    logging.disable(logging.INFO)
+    model = load_model(None, device)
+    started = time.perf_counter()
+    outcomes = [o for _, o in ingest_many(connect(), slides, model, jobs=jobs, force=True)]
+    seconds = time.perf_counter() - started
+    if any(o.status != "ingested" for o in outcomes):
+        raise SystemExit("; ".join(o.message for o in outcomes if o.status != "ingested"))
+    tissue = sum(o.tissue_mm2 for o in outcomes)
+    report.write_text(json.dumps({"seconds": seconds, "tissue_mm2": tissue}))
+
+
+def cohort(slides: list[Path], device: str) -> None:
+    """The slides ingested one at a time and two at a time, each in a child process."""
+    print(f"\ncohort of {len(slides)} slides ({', '.join(p.name for p in slides)}):")
+    for jobs in (1, 2):
+        with tempfile.TemporaryDirectory() as tmp:
+            report = Path(tmp) / "cohort.json"
+            command = [sys.executable, __file__, "--cohort-child", str(report), str(jobs)]
+            subprocess.run([*command, "--device", device, *map(str, slides)], check=True)
+            result = json.loads(report.read_text())
+        rate = result["tissue_mm2"] / (result["seconds"] / 60)
+        print(
+            f"  --jobs {jobs}: {result['tissue_mm2']:.1f} mm² in {result['seconds']:.1f} s, "
+            f"{rate:.2f} mm² per minute",
+            flush=True,
+        )
+
+
 def measured_ingest(slide: Path, device: str, backend: str, batch: int | None) -> dict:
     """Ingest `slide` in a child process; its outcome, wall time and peak process-tree RSS."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,10 +154,18 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--batch-size", type=int, help="tiles per forward pass (GPU)")
+    parser.add_argument(
+        "--cohort", action="store_true", help="also ingest the slides together, --jobs 1 and 2"
+    )
     parser.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--cohort-child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         ingest_child(*args.child, args.device, args.backend[0], args.batch_size)
+        return 0
+    if args.cohort_child:
+        report, jobs, *slides = args.cohort_child
+        cohort_child(Path(report), int(jobs), args.device, [Path(p) for p in slides])
         return 0
 
     data = args.data if (args.data / "glas" / "images").is_dir() else None
@@ -194,6 +239,8 @@ def main() -> int:
             f"{backend}: {areas[-1] / (seconds[-1] / 60):.2f} mm² of tissue per minute at "
             f"{areas[-1]:.0f} mm² (target >= 10 on the 2-core CPU)"
         )
+    if args.cohort:
+        cohort(list(slides.values()), args.device)
     if len(args.backend) > 1:
         base, *others = args.backend
         for backend in others:

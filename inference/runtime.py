@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +100,8 @@ def _export(module: torch.nn.Module, size: int, path: Path) -> None:
     import openvino as ov
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.inference_mode():
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracing's notes on shapes taken as constants: they are
         model = ov.convert_model(module, example_input=torch.zeros(1, 3, size, size))
     partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.xml")
     ov.save_model(model, partial, compress_to_fp16=False)
