@@ -4,7 +4,8 @@ Measures once: a large fp32 and a bf16 matrix product (GFLOP/s, torch on all cor
 memory bandwidth (GB/s of a large array copy, read + write). Then the default model's forward
 pass over one tile (1,024 px) in each way it has run: eager PyTorch in NCHW with bf16 autocast
 (the path before the speed work), eager PyTorch channels-last with bf16 autocast (`torch`), and
-the OpenVINO graph (`openvino`), each as seconds per tile (median), GFLOP/s achieved (FLOPs
+the OpenVINO graph (`openvino`), each computing the tile's kept head probabilities
+(`inference.engine.TileHeads`), each as seconds per tile (median), GFLOP/s achieved (FLOPs
 counted by torch's FlopCounterMode) and the share of the bf16 ceiling, and the speed-up over
 the first.
 
@@ -56,9 +57,8 @@ def main() -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     from inference import weights
-    from inference.engine import TASKS
-    from inference.predict import autocast
-    from inference.runtime import OpenVINOForward, TorchForward
+    from inference.engine import SPATIAL_HEADS, TASKS, CerberusModel, TileHeads
+    from inference.predict import autocast, trained_channels
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=5)
@@ -75,13 +75,15 @@ def main() -> int:
         net(images, tasks=TASKS)
     gflop = counter.get_total_flops() / 1e9
 
+    heads = TileHeads(net, TASKS, SPATIAL_HEADS, trained_channels(info))
+
     def eager_nchw():
         with torch.inference_mode(), autocast("cpu"):
-            net(images, tasks=TASKS)
+            heads(images)
 
     runs = {"eager NCHW bf16 (before)": eager_nchw}
-    runs["torch: channels-last bf16"] = TorchForward(weights.load()[0], TASKS, "cpu")
-    runs["openvino"] = OpenVINOForward(weights.load()[0], TASKS, info.sha256)
+    for backend in ("torch", "openvino"):
+        runs[backend] = CerberusModel(weights.load()[0], info, backend=backend).run
     print(f"\n{info.preset.name}, one {size} px tile: {gflop:.1f} GFLOP")
     first = None
     for name, run in runs.items():

@@ -18,6 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def by_task(objects) -> dict[str, tuple[list, list]]:
+    """(geometries, classes) per task from `segment_slide`'s stream of region results."""
+    out: dict[str, tuple[list, list]] = {}
+    for o in objects:
+        geoms, classes = out.setdefault(o.task, ([], []))
+        geoms.extend(o.geoms)
+        classes.extend(o.classes)
+    return out
+
+
 def main() -> int:
     from inference import weights
     from inference.engine import CerberusModel, segment_slide
@@ -36,8 +46,8 @@ def main() -> int:
         model = CerberusModel(net, info, backend=backend)
         timings: dict = {}
         started = time.perf_counter()
-        found[backend] = {o.task: o for o in segment_slide(reader, model, mask, timings=timings)}
-        counts = {task: len(o) for task, o in found[backend].items()}
+        found[backend] = by_task(segment_slide(reader, model, mask, timings=timings))
+        counts = {task: len(geoms) for task, (geoms, _) in found[backend].items()}
         print(
             f"{backend}: inference {timings['infer']:.1f} s, segmentation "
             f"{time.perf_counter() - started:.1f} s, {counts}",
@@ -46,13 +56,13 @@ def main() -> int:
     first, second = (found[b] for b in args.backend)
     print(f"\n{args.slide.name}, {mask.area_mm2:.2f} mm² of tissue: {' vs '.join(args.backend)}")
     for task in ("Nuclei", "Gland", "Lumen", "Tissue"):
+        (geoms_a, classes_a), (geoms_b, classes_b) = first[task], second[task]
         if task == "Tissue":
-            same = first[task].classes == second[task].classes
-            print(f"  tissue classes: {first[task].classes} vs {second[task].classes} ({same})")
+            print(f"  tissue classes: {classes_a} vs {classes_b} ({classes_a == classes_b})")
             continue
-        agree = polygon_agreement(first[task].geoms, second[task].geoms)
+        agree = polygon_agreement(geoms_a, geoms_b)
         print(
-            f"  {task:6s} {len(first[task]):6d} vs {len(second[task]):6d}: {agree['pairs']} pairs, "
+            f"  {task:6s} {len(geoms_a):6d} vs {len(geoms_b):6d}: {agree['pairs']} pairs, "
             f"{agree['share_a']:.2%} / {agree['share_b']:.2%} paired, median IoU "
             f"{agree['median_iou']:.3f}"
         )

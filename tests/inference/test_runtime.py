@@ -26,7 +26,11 @@ def sample_objects(tmp_path_factory):
         for backend in ("torch", "openvino"):
             net, info = weights.load()
             model = CerberusModel(net, info, backend=backend)
-            found[backend] = {o.task: o for o in segment_slide(reader, model, mask, workers=0)}
+            found[backend] = {}
+            for o in segment_slide(reader, model, mask, workers=0):
+                geoms, classes = found[backend].setdefault(o.task, ([], []))
+                geoms.extend(o.geoms)
+                classes.extend(o.classes)
         exported = sorted(p.suffix for p in (cache / "openvino").iterdir())
     return found, exported
 
@@ -39,13 +43,13 @@ def test_the_exported_graph_is_cached_whole(sample_objects):
 @pytest.mark.parametrize("task", ["Nuclei", "Gland", "Lumen"])
 def test_openvino_finds_the_objects_torch_finds(sample_objects, task):
     found, _ = sample_objects
-    torch_objects, openvino_objects = found["torch"][task], found["openvino"][task]
+    (torch_objects, _), (openvino_objects, _) = found["torch"][task], found["openvino"][task]
     assert len(torch_objects) > 0
-    agree = polygon_agreement(torch_objects.geoms, openvino_objects.geoms)
+    agree = polygon_agreement(torch_objects, openvino_objects)
     # bf16 in both runtimes, in different orders of operations: a few borderline objects differ
     assert agree["share_a"] >= 0.95 and agree["share_b"] >= 0.95, agree
     assert agree["median_iou"] >= 0.95, agree
-    assert found["torch"]["Tissue"].classes == found["openvino"]["Tissue"].classes
+    assert found["torch"]["Tissue"][1] == found["openvino"]["Tissue"][1]
 
 
 def test_the_default_runtime_is_openvino_on_the_cpu_and_torch_on_cuda():
