@@ -102,7 +102,7 @@ def cohort(slides: list[Path], device: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             report = Path(tmp) / "cohort.json"
             command = [sys.executable, __file__, "--cohort-child", str(report), str(jobs)]
-            subprocess.run([*command, "--device", device, *map(str, slides)], check=True)
+            subprocess.run([*command, *map(str, slides), "--device", device], check=True)
             result = json.loads(report.read_text())
         rate = result["tissue_mm2"] / (result["seconds"] / 60)
         print(
