@@ -77,9 +77,9 @@ def main() -> int:
 
     heads = TileHeads(net, TASKS, SPATIAL_HEADS, trained_channels(info))
 
-    def eager_nchw():
+    def eager_nchw(batch: torch.Tensor):
         with torch.inference_mode(), autocast("cpu"):
-            heads(images)
+            return heads(batch)
 
     runs = {"eager NCHW bf16 (before)": eager_nchw}
     for backend in ("torch", "openvino"):
