@@ -3,6 +3,8 @@
 # apt, the Python environment with CUDA torch), build a benchmark slide of about 100 mm² of real
 # tissue and ingest it with --device cuda (inference on the GPU, post-processing in one process per
 # CPU core), printing the table of benchmarks/wsi.py. Extra arguments go to benchmarks/wsi.py.
+# It needs the package registries (apt, PyPI): the GPU machines this workplace lends reach none
+# and have no PostgreSQL, so there the wheels and a PostGIS would have to be carried in first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
