@@ -4,8 +4,10 @@ tiatoolbox's segmentors stitch every head into a full-slide canvas (in RAM, or o
 memory threshold) and cannot carry the patch-classification vector. `segment_slide` therefore
 drives tiatoolbox's own patch dataset (`WSIPatchDataset`, reading at the model's resolution) and
 the model's `infer_batch` itself, in the order `inference.tiling` needs the tiles, hands each
-finished region to a pool of post-processing processes and yields its polygons while the next
-tiles are inferred. Memory stays bounded by the tiles still needed, not the slide.
+finished region to a pool of post-processing processes (at idle priority) and yields its
+polygons while the next tiles are inferred. Memory stays bounded by the tiles still needed by the
+current band of regions, not the slide. The forward pass itself, and the per-tile head outputs
+(`TileHeads`), run in the runtime the model was made with (`inference.runtime`).
 """
 
 from __future__ import annotations
