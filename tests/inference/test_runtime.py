@@ -47,7 +47,10 @@ def test_openvino_finds_the_objects_torch_finds(sample_objects, task):
     assert len(torch_objects) > 0
     agree = polygon_agreement(torch_objects, openvino_objects)
     # bf16 in both runtimes, in different orders of operations: a few borderline objects differ
-    assert agree["share_a"] >= 0.95 and agree["share_b"] >= 0.95, agree
+    # (about 1 % on the 4 mm² benchmark slide; among the sample's few dozen lumina, one or two)
+    allowed = max(2, round(0.05 * len(torch_objects)))
+    assert len(torch_objects) - agree["pairs"] <= allowed, agree
+    assert len(openvino_objects) - agree["pairs"] <= allowed, agree
     assert agree["median_iou"] >= 0.95, agree
     assert found["torch"]["Tissue"][1] == found["openvino"]["Tissue"][1]
 
