@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import tempfile
 import threading
 import time
 from collections import deque
@@ -163,8 +162,7 @@ def segment_slide(
     }
     tile_classes = {}
     if sched.order:
-        spill = tempfile.TemporaryDirectory(prefix="spatialdb-tiles-")
-        tiles = tiling.TileStore(spill.name)
+        tiles = tiling.TileStore()
         loader = tile_loader(reader, preset, sched.order, batch_size or default_batch(preset))
         workers = (os.cpu_count() or 1) if workers is None else workers
         pool = (
@@ -220,7 +218,7 @@ def segment_slide(
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
-            spill.cleanup()
+            tiles.close()
     yield tiling.tissue_regions(grid, tile_classes, tissue.mask, list(info.classes["Patch-Class"]))
 
 

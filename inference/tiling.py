@@ -13,13 +13,13 @@ tiles are inferred in the order the regions need them, so that only the tiles st
 later region of the band (about 2 × margin rows of the band's width) are held in memory, as
 11 uint8 channels per pixel (`CHANNELS`): the heads' outputs and the tile's own RGB pixels,
 from which each nucleus's stain intensity is measured (`inference.intensity`). Tiles at a band's
-edge that the next band needs again wait on disk (`TileStore`): memory does not grow with the
-slide's width or height.
+edge that the next band needs again wait in a temporary file (`TileStore`): memory does not grow
+with the slide's width or height.
 """
 
 from __future__ import annotations
 
-import os
+import tempfile
 from dataclasses import dataclass, field
 
 import cv2
@@ -197,13 +197,17 @@ def schedule(grid: Grid, plan: list[Region], band: int = BAND_REGIONS) -> Schedu
 
 
 class TileStore:
-    """Inferred tiles until their last use: in memory, or in `directory` (one .npy file each)
-    while they are idle, waiting for the next band."""
+    """Inferred tiles until their last use: in memory, or while they are idle (waiting for the
+    next band) in slots of one anonymous temporary file, which the system removes whenever the
+    process ends, killed or not. Tiles all have one shape, so freed slots are reused: the file
+    holds at most the tiles idle at once (two columns of tiles per band edge)."""
 
-    def __init__(self, directory: str):
-        self.directory = directory
+    def __init__(self):
         self.memory: dict[tuple[int, int], np.ndarray] = {}
-        self.spilled: set[tuple[int, int]] = set()
+        self.spilled: dict[tuple[int, int], tuple[int, tuple, np.dtype]] = {}  # slot, shape, dtype
+        self.free: list[int] = []
+        self.slots = 0
+        self.file = tempfile.TemporaryFile(prefix="spatialdb-tiles-")  # noqa: SIM115 (close)
 
     def __setitem__(self, rc: tuple[int, int], tile: np.ndarray) -> None:
         self.memory[rc] = tile
@@ -213,24 +217,30 @@ class TileStore:
 
     def __getitem__(self, rc: tuple[int, int]) -> np.ndarray:
         if rc not in self.memory and rc in self.spilled:
-            self.memory[rc] = np.load(self._path(rc))
-            self.spilled.discard(rc)
-            os.unlink(self._path(rc))
+            slot, shape, dtype = self.spilled.pop(rc)
+            tile = np.empty(shape, dtype)
+            self.file.seek(slot * tile.nbytes)
+            self.file.readinto(memoryview(tile).cast("B"))
+            self.free.append(slot)
+            self.memory[rc] = tile
         return self.memory[rc]
 
     def spill(self, rc: tuple[int, int]) -> None:
         if rc in self.memory:
-            np.save(self._path(rc), self.memory.pop(rc))
-            self.spilled.add(rc)
+            tile = np.ascontiguousarray(self.memory.pop(rc))
+            slot = self.free.pop() if self.free else self.slots
+            self.slots = max(self.slots, slot + 1)
+            self.file.seek(slot * tile.nbytes)
+            self.file.write(memoryview(tile).cast("B"))
+            self.spilled[rc] = (slot, tile.shape, tile.dtype)
 
     def pop(self, rc: tuple[int, int]) -> None:
         self.memory.pop(rc, None)
         if rc in self.spilled:
-            self.spilled.discard(rc)
-            os.unlink(self._path(rc))
+            self.free.append(self.spilled.pop(rc)[0])
 
-    def _path(self, rc: tuple[int, int]) -> str:
-        return os.path.join(self.directory, f"{rc[0]}_{rc[1]}.npy")
+    def close(self) -> None:
+        self.file.close()
 
 
 def reduce_tile(heads: dict[str, np.ndarray], rgb: np.ndarray | None = None) -> np.ndarray:
