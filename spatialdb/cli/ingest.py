@@ -96,12 +96,15 @@ def ingest(
     else:
         model = load_model(weights, device, embeddings=compress_slides, backend=backend)
         outcomes = [None] * len(paths)
+        reported = 0
         started = time.perf_counter()
         for k, outcome in ingest_many(
             engine, paths, model, jobs=jobs, workers=workers, compress=compress_slides, **options
         ):
             outcomes[k] = outcome
-            _report(outcome)
+            while reported < len(outcomes) and outcomes[reported] is not None:
+                _report(outcomes[reported])  # in the order given, each as soon as it can be
+                reported += 1
         _cohort(outcomes, time.perf_counter() - started)
     _summary(outcomes)
     failed = sum(o.status == "failed" for o in outcomes)
