@@ -170,9 +170,6 @@ def segment_slide(
             if workers > 0
             else None
         )
-        done_with: dict[int, list] = {}
-        for rc, last in sched.last_use.items():
-            done_with.setdefault(last, []).append(rc)
         pending: deque = deque()
         next_region, done = 0, 0
         try:
@@ -204,7 +201,7 @@ def segment_slide(
                 while next_region < len(plan) and sched.ready_after[next_region] <= done:
                     region = plan[next_region]
                     job = tiling.region_job(grid, region, tiles, **fields)
-                    for rc in done_with.pop(region.index, ()):
+                    for rc in sched.done_after[region.index]:
                         tiles.pop(rc)
                     for rc in sched.idle_after[region.index]:
                         tiles.spill(rc)

@@ -86,12 +86,15 @@ class OpenVINOForward:
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         batch = images.detach().to("cpu", torch.float32).numpy()
-        outs: list[list[np.ndarray]] = [[] for _ in self.compiled.outputs]
-        for image in batch:
-            result = self.request.infer([image[None]])
-            for k in range(len(outs)):
-                outs[k].append(np.array(result[k]))
-        return tuple(torch.from_numpy(np.concatenate(v)) for v in outs)
+        outs: list[np.ndarray] = []
+        for i, image in enumerate(batch):
+            result = self.request.infer([image[None]])  # views of the request's own buffers
+            values = [result[k] for k in range(len(self.compiled.outputs))]
+            if not outs:
+                outs = [np.empty((len(batch), *v.shape[1:]), v.dtype) for v in values]
+            for out, value in zip(outs, values, strict=True):
+                out[i] = value[0]
+        return tuple(torch.from_numpy(out) for out in outs)
 
 
 def _export(module: torch.nn.Module, size: int, path: Path) -> None:

@@ -168,13 +168,13 @@ def regions(
 @dataclass
 class Schedule:
     """Tissue tiles in inference order (each once, as the regions need them); per region, how
-    many tiles of `order` must be done before it can run; per tile, the last region using it."""
+    many tiles of `order` must be done before it can run, the tiles no later region uses, and the
+    tiles idle until a region more than a band's row later."""
 
     order: list[tuple[int, int]]
     ready_after: list[int]
-    last_use: dict[tuple[int, int], int]
-    #: Per region, the tiles done with until a region more than a band's row later.
-    idle_after: list[list[tuple[int, int]]] = field(default_factory=list)
+    done_after: list[list[tuple[int, int]]]
+    idle_after: list[list[tuple[int, int]]]
 
 
 def schedule(grid: Grid, plan: list[Region], band: int = BAND_REGIONS) -> Schedule:
@@ -193,7 +193,10 @@ def schedule(grid: Grid, plan: list[Region], band: int = BAND_REGIONS) -> Schedu
                         idle_after[last_use[(r, c)]].append((r, c))
                     last_use[(r, c)] = region.index
         ready_after.append(len(order))
-    return Schedule(order, ready_after, last_use, idle_after)
+    done_after: list[list[tuple[int, int]]] = [[] for _ in plan]
+    for rc, last in last_use.items():
+        done_after[last].append(rc)
+    return Schedule(order, ready_after, done_after, idle_after)
 
 
 class TileStore:

@@ -72,11 +72,15 @@ def ingest_many(engine, paths: list[Path], model, *, jobs: int = 2, **options):
         key = fingerprint(path) if path.is_file() else f"unreadable:{k}"
         groups.setdefault(key, []).append(k)
 
-    def chain(indices: list[int]) -> list[tuple[int, Outcome]]:
-        return [(k, ingest_one(engine, paths[k], model, **options)) for k in indices]
+    def chain(key: str, indices: list[int]) -> list[tuple[int, Outcome]]:
+        content = None if key.startswith("unreadable:") else key
+        return [
+            (k, ingest_one(engine, paths[k], model, content=content, **options)) for k in indices
+        ]
 
     with ThreadPoolExecutor(jobs, thread_name_prefix="ingest") as pool:
-        for future in as_completed([pool.submit(chain, group) for group in groups.values()]):
+        chains = [pool.submit(chain, key, group) for key, group in groups.items()]
+        for future in as_completed(chains):
             yield from future.result()
 
 
@@ -133,9 +137,11 @@ def ingest_slide(
     batch_size: int | None = None,
     workers: int | None = None,
     compress: bool = False,
+    content: str | None = None,
 ) -> Outcome:
-    """Ingest one slide; `model` is `(CerberusModel, weights path)`. Raises `UserError` for a
-    file that is not a usable slide; nothing is stored then."""
+    """Ingest one slide; `model` is `(CerberusModel, weights path)`; `content` its fingerprint
+    when the caller has it already. Raises `UserError` for a file that is not a usable slide;
+    nothing is stored then."""
     from inference.engine import segment_slide
     from inference.slide import default_batch, tissue_mask
     from spatialdb.store.loader import RunWriter
@@ -145,7 +151,7 @@ def ingest_slide(
     begun = started = time.perf_counter()
     log.info("%s: phase read: opening", path.name)
     reader = open_reader(path, mpp)
-    content = fingerprint(path)
+    content = content or fingerprint(path)
     existing = find_ingested(engine, content, info.sha256)
     if existing and not force:
         elsewhere = existing["file_path"] != str(path.resolve())

@@ -86,9 +86,8 @@ def run_regions(shape, tiles, mask=None, hv=False, band=tiling.BAND_REGIONS, spi
                 gland_types=GLAND_TYPES,
                 hv=hv,
             )
-            for tile, last in sched.last_use.items():
-                if last == region.index:
-                    held.pop(tile)
+            for tile in sched.done_after[region.index]:
+                held.pop(tile)
             if spill:
                 for tile in sched.idle_after[region.index]:
                     held.spill(tile)
