@@ -7,6 +7,8 @@ read-only transactions alone. Every filter is a bound parameter.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pandas as pd
@@ -171,17 +173,25 @@ class Reader:
             "limit": limit,
             **_box(box),
         }
+        with self.cursor() as cur:
+            cur.execute(query, params)
+            rows = cur.fetchall()
+        return [r[0] for r in rows], [bytes(r[1]) for r in rows]
+
+    @contextmanager
+    def cursor(self) -> Iterator:
+        """A DBAPI cursor on a pooled read-only connection (no per-row conversions); a failed
+        read raises `Unavailable`."""
         try:
             raw = self.engine.raw_connection()
             try:
                 with raw.cursor() as cur:
-                    cur.execute(query, params)
-                    rows = cur.fetchall()
+                    yield cur
+                raw.rollback()
             finally:
                 raw.close()
         except Exception as exc:  # psycopg2 errors too: the cursor is not SQLAlchemy's
             raise _unavailable(exc) from None
-        return [r[0] for r in rows], [bytes(r[1]) for r in rows]
 
     def centroid_grid(
         self, table: str, slide_id: int, run_id: int, box: Box, cell: float

@@ -26,3 +26,31 @@ fi
 [ -x .venv/bin/uv ] || .venv/bin/python -m pip install -q uv
 echo "setup: installing the Python environment in .venv" >&2
 .venv/bin/uv pip install -q -p .venv/bin/python --compile-bytecode -e '.[dev]'
+
+# OpenLayers for the dashboard's slide viewer: the npm registry's package, checked against the
+# sha512 the registry publishes for it, unpacked into dashboard/viewer/ol (served offline from there).
+OL_VERSION=10.11.0
+OL_INTEGRITY=sha512-OJ+lrx7kx/1O7Xx18Ff9QkVnwZIEL0OuhJQSy2sYgzzDvyZ2qHvuZEGAajbSstUyBwaS1OtQ4RWnY84tRMDdqg==
+if [ "$(cat dashboard/viewer/ol/VERSION 2>/dev/null)" != "$OL_VERSION" ]; then
+    echo "setup: installing OpenLayers $OL_VERSION from registry.npmjs.org" >&2
+    .venv/bin/python - "$OL_VERSION" "$OL_INTEGRITY" <<'PY'
+import base64, hashlib, io, pathlib, shutil, sys, tarfile, urllib.request
+
+version, integrity = sys.argv[1:]
+url = f"https://registry.npmjs.org/ol/-/ol-{version}.tgz"
+data = urllib.request.urlopen(url, timeout=120).read()
+digest = "sha512-" + base64.b64encode(hashlib.sha512(data).digest()).decode()
+if digest != integrity:
+    sys.exit(f"setup: {url} does not match its published sha512")
+target = pathlib.Path("dashboard/viewer/ol")
+partial = target.with_name("ol.partial")
+shutil.rmtree(partial, ignore_errors=True)
+partial.mkdir()
+with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+    for name in ("package/dist/ol.js", "package/ol.css", "package/LICENSE.md", "package/package.json"):
+        (partial / pathlib.Path(name).name).write_bytes(tar.extractfile(name).read())
+(partial / "VERSION").write_text(version + "\n")
+shutil.rmtree(target, ignore_errors=True)
+partial.rename(target)
+PY
+fi

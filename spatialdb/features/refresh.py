@@ -7,7 +7,9 @@ that slide is committed meanwhile), lets `lanes` connections compute a share of 
 (its own connection inserts the first share while the others are computed), and writes all rows
 in one transaction: readers see the old features or the new ones. The slide's spatial statistics
 (`slide_spatial_feature`, `spatialdb.features.spatial`) are computed from its nuclei, glands and
-tissue in compiled spatial indexes (k-d tree, GEOS) and written in the same transaction.
+tissue in compiled spatial indexes (k-d tree, GEOS) and written in the same transaction, as are
+its nuclei counted per class in a pyramid of cells (`nucleus_density`, the slide viewer's low
+zooms).
 
     seconds = refresh(engine, slide_id)
 """
@@ -25,8 +27,26 @@ from sqlalchemy import Engine
 from spatialdb.errors import UserError
 from spatialdb.store.db import rollback_or_discard
 from spatialdb.store.loader import default_lanes
+from spatialdb.store.schema import DENSITY_CELL_PX, DENSITY_TOP_CELLS
 
 BINARY = "WITH (FORMAT binary)"
+#: The current run's nuclei counted per class and level-0 cell (the centroid index's leaves hold
+#: both), then each level from the one below, until a level's cells cover the slide in
+#: DENSITY_TOP_CELLS across.
+DENSITY_CELLS = """
+INSERT INTO nucleus_density (slide_id, level, gx, gy, class, run_id, n)
+SELECT s.id, 0, floor(ST_X(n.centroid) / %(cell)s)::integer,
+       floor(ST_Y(n.centroid) / %(cell)s)::integer, n.class, s.current_run_id, count(*)
+FROM slide s JOIN nucleus n ON n.slide_id = s.id AND n.run_id = s.current_run_id
+WHERE s.id = %(slide)s
+GROUP BY 1, 2, 3, 4, 5, 6
+"""
+DENSITY_LEVEL = """
+INSERT INTO nucleus_density (slide_id, level, gx, gy, class, run_id, n)
+SELECT slide_id, level + 1, gx / 2, gy / 2, class, run_id, sum(n)
+FROM nucleus_density WHERE slide_id = %(slide)s AND level = %(level)s
+GROUP BY 1, 2, 3, 4, 5, 6
+"""
 COPY_IN = "COPY {} FROM STDIN " + BINARY
 
 
@@ -46,6 +66,7 @@ def refresh(engine: Engine, slide_id: int, lanes: int | None = None) -> float:
             "SELECT id, current_run_id, %s FROM slide WHERE id = %s",
             (json.dumps(spatial_row(cur, slide_id)), slide_id),
         )
+        nucleus_density(cur, slide_id)
         if lanes == 1:
             cur.execute("SELECT refresh_slide_features(%s)", (slide_id,))
         else:
@@ -73,6 +94,18 @@ def refresh(engine: Engine, slide_id: int, lanes: int | None = None) -> float:
     finally:
         raw.close()
     return time.perf_counter() - started
+
+
+def nucleus_density(cursor, slide_id: int) -> None:
+    """The slide's `nucleus_density` pyramid, anew."""
+    cursor.execute("DELETE FROM nucleus_density WHERE slide_id = %s", (slide_id,))
+    cursor.execute(DENSITY_CELLS, {"slide": slide_id, "cell": DENSITY_CELL_PX})
+    cursor.execute("SELECT greatest(width, height) FROM slide WHERE id = %s", (slide_id,))
+    (side,) = cursor.fetchone()
+    level = 0
+    while DENSITY_CELL_PX * 2**level * DENSITY_TOP_CELLS < side:
+        cursor.execute(DENSITY_LEVEL, {"slide": slide_id, "level": level})
+        level += 1
 
 
 def spatial_row(cursor, slide_id: int) -> dict:

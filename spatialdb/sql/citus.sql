@@ -9,7 +9,7 @@
 -- What Citus needs, checked against the schema:
 -- * Primary and unique keys of distributed tables include slide_id: object tables
 --   (slide_id, id), gland_feature (slide_id, gland_id), slide_feature and
---   slide_spatial_feature (slide_id),
+--   slide_spatial_feature (slide_id), nucleus_density (slide_id, gx, gy, class),
 --   slide_embedding (slide_id, encoder_sha256), slide_prediction (slide_id, model_sha256).
 -- * Foreign keys: distributed -> reference (slide, run) are allowed, ON DELETE CASCADE and
 --   SET NULL included (SET NULL only on slide_embedding.source_run_id, which does not hold the
@@ -31,7 +31,7 @@ DECLARE
     object_tables text[] := ARRAY['nucleus', 'gland', 'lumen', 'tissue_region'];
     slide_tables text[] := object_tables
         || ARRAY['gland_feature', 'slide_feature', 'slide_spatial_feature', 'slide_embedding',
-                 'slide_prediction'];
+                 'slide_prediction', 'nucleus_density'];
     all_tables regclass[];
     foreign_keys text[];
     fk text;

@@ -284,6 +284,30 @@ class SlideSpatialFeature(Base):
     statistics: Mapped[dict] = mapped_column(JSONB, nullable=False)
 
 
+class NucleusDensity(Base):
+    """Nuclei of a slide's current run counted per class in square cells, a pyramid of them:
+    level k's cells are `DENSITY_CELL_PX` · 2^k level-0 pixels wide (filled by a feature refresh;
+    the slide viewer's low zooms draw them)."""
+
+    __tablename__ = "nucleus_density"
+
+    slide_id: Mapped[int] = mapped_column(
+        ForeignKey("slide.id", ondelete="CASCADE"), primary_key=True
+    )
+    level: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
+    gx: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    gy: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    class_: Mapped[str] = mapped_column("class", Text, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"), nullable=False)
+    n: Mapped[int] = mapped_column(Integer, nullable=False)
+
+
+#: Side of a level-0 `nucleus_density` cell in level-0 pixels, and how many cells the top level
+#: may have across a slide.
+DENSITY_CELL_PX = 256
+DENSITY_TOP_CELLS = 32
+
+
 class ObjectClass(Base):
     """A class name objects carry, with its display colour (QuPath path class colour)."""
 
@@ -348,4 +372,4 @@ class SlidePrediction(Base):
 OPTIONAL_MEASUREMENTS = {"nucleus": INTENSITY_COLUMNS}
 
 #: Tables of derived features, cleared when a slide's run is replaced.
-FEATURE_TABLES = ("gland_feature", "slide_feature", "slide_spatial_feature")
+FEATURE_TABLES = ("gland_feature", "slide_feature", "slide_spatial_feature", "nucleus_density")
