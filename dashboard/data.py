@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pandas as pd
+import psycopg2
 from sqlalchemy import Engine, event, text
 from sqlalchemy.exc import DBAPIError
 
@@ -184,14 +185,16 @@ class Reader:
         read raises `Unavailable`."""
         try:
             raw = self.engine.raw_connection()
-            try:
-                with raw.cursor() as cur:
-                    yield cur
-                raw.rollback()
-            finally:
-                raw.close()
-        except Exception as exc:  # psycopg2 errors too: the cursor is not SQLAlchemy's
+        except DBAPIError as exc:
             raise _unavailable(exc) from None
+        try:
+            with raw.cursor() as cur:
+                yield cur
+            raw.rollback()
+        except psycopg2.Error as exc:  # the cursor is the driver's, not SQLAlchemy's
+            raise _unavailable(exc) from None
+        finally:
+            raw.close()
 
     def centroid_grid(
         self, table: str, slide_id: int, run_id: int, box: Box, cell: float

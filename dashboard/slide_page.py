@@ -1,8 +1,12 @@
-"""Slide page: the slide with its objects drawn over it, whole or zoomed into a region."""
+"""Slide page: the slide viewer (deep zoom, every object drawn, from the tile server of
+`dashboard.viewer_server`), and on demand a still picture of the slide or a region."""
 
 from __future__ import annotations
 
 import html
+import io
+import os
+from urllib.parse import urlsplit
 
 import pandas as pd
 import streamlit as st
@@ -10,6 +14,10 @@ import streamlit as st
 from dashboard.data import Box, Reader
 from dashboard.overlay import LAYERS
 from dashboard.overlay import render as render_view
+from dashboard.viewer_server import ViewerServer, openlayers_installed
+from spatialdb.config import ENV_VIEWER_PORT
+
+VIEWER_HEIGHT_PX = 720
 
 FIELDS_UM = (100, 250, 500, 1000, 2000, 5000)
 
@@ -50,6 +58,28 @@ def legend(classes: dict[str, tuple[int, int, int]]) -> None:
     st.markdown(items or "_nothing drawn_", unsafe_allow_html=True)
 
 
+@st.cache_resource(show_spinner=False)
+def viewer_server(url: str, _db: Reader) -> ViewerServer:
+    """This dashboard's tile server (one per database, shared by every session): on the
+    dashboard's address, at SPATIALDB_VIEWER_PORT or the dashboard's port + 1 where that is free,
+    else on any free port."""
+    address = st.get_option("server.address") or "127.0.0.1"
+    port = int(os.environ.get(ENV_VIEWER_PORT) or st.get_option("server.port") + 1)
+    try:
+        return ViewerServer(_db, address, port)
+    except OSError:
+        return ViewerServer(_db, address, 0)
+
+
+def viewer_url(server: ViewerServer, slide_id: int) -> str:
+    """The viewer page of a slide; where the viewer listens on every interface, on the host name
+    the browser reached the dashboard by."""
+    host = server.address
+    if host == "0.0.0.0":
+        host = urlsplit("//" + (st.context.headers.get("Host") or "")).hostname or "127.0.0.1"
+    return f"http://{host}:{server.port}/viewer?slide={slide_id}"
+
+
 def render(db: Reader, cohort: pd.DataFrame) -> None:
     slide = slide_choice(cohort)
     st.title(f"Slide {slide['id']}: {slide['name']}")
@@ -63,6 +93,17 @@ def render(db: Reader, cohort: pd.DataFrame) -> None:
             f"This slide has no features for its current run yet: run "
             f"`spatialdb features refresh {slide['id']}`."
         )
+    if openlayers_installed():
+        server = viewer_server(db.engine.url.render_as_string(hide_password=False), db)
+        st.iframe(viewer_url(server, int(slide["id"])), height=VIEWER_HEIGHT_PX)
+    else:
+        st.error("The slide viewer needs OpenLayers: run `bash scripts/setup.sh` once.")
+    if st.toggle("Still picture of the slide or a region (PNG)", key="picture"):
+        picture(db, slide)
+
+
+def picture(db: Reader, slide: dict) -> None:
+    """The slide or a region drawn into one picture, with a download of it."""
     layers = st.multiselect(
         "Layers", list(LAYERS), default=list(LAYERS), format_func=LAYERS.get, key="layers"
     )
@@ -72,6 +113,11 @@ def render(db: Reader, cohort: pd.DataFrame) -> None:
     if view.image_note:
         st.caption(view.image_note)
     legend(view.classes)
+    png = io.BytesIO()
+    view.image.save(png, "PNG")
+    st.download_button(
+        "Download the picture (PNG)", png.getvalue(), f"{slide['name']}.png", "image/png"
+    )
 
 
 def _describe(view, box: Box, slide: dict) -> str:

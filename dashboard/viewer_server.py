@@ -13,7 +13,8 @@ the slides' own files is read. Database reads go through the dashboard's read-on
     GET /slides/ID/runs/RUN/objects/TABLE/OBJECT.json     an object's measurements
 
 An unknown slide, run or object, or a tile outside the pyramid, is a 404; a malformed address a
-400. Tiles are cached in memory (least recently used first out) and marked cacheable by browsers.
+400. Tiles are cached in memory (least recently used first out; looked up once the slide and run
+are known to be current) and marked cacheable by browsers.
 """
 
 from __future__ import annotations
@@ -95,22 +96,22 @@ class Tiles:
         return Slide(*row[:7], row[7] or {})
 
     def image(self, slide_id: int, z: int, x: int, y: int) -> bytes:
-        key = (slide_id, z, x, y)
+        slide = self.slide(slide_id)
+        pyramid = within(slide.pyramid, z, x, y)
+        key = (slide_id, slide.file_path, z, x, y)
         tile = self.images.get(key)
         if tile is None:
-            slide = self.slide(slide_id)
-            pyramid = within(slide.pyramid, z, x, y)
             tile = image_tile(self._open(slide), pyramid, z, x, y)
             self.images.put(key, tile)
         return tile
 
     def overlay(self, slide_id: int, run_id: int, z: int, x: int, y: int) -> bytes:
         """The tile's MVT, gzip-compressed."""
+        slide = self.current(slide_id, run_id)
+        pyramid = within(slide.pyramid, z, x, y)
         key = (slide_id, run_id, z, x, y)
         tile = self.overlays.get(key)
         if tile is None:
-            slide = self.current(slide_id, run_id)
-            pyramid = within(slide.pyramid, z, x, y)
             stored = self._stored_density.get((slide_id, run_id))
             if stored is None:
                 stored = vector_tiles.has_density(self.reader, slide_id, run_id)
@@ -262,6 +263,11 @@ class ObjectDetails(Handler):
         self.finish(json.dumps(details, default=str))
 
 
+class NotFound(Handler):
+    def prepare(self) -> None:
+        raise refused(404, "no such address")
+
+
 class Page(Handler):
     def get(self) -> None:
         self.set_header("Cache-Control", "no-cache")
@@ -281,7 +287,8 @@ def application(tiles: Tiles) -> Application:
             (rf"/slides/{part}/runs/{part}/objects/{part}/{part}\.json", ObjectDetails, shared),
             (r"/static/(.*)", StaticFileHandler, {"path": str(STATIC)}),
         ],
-        static_hash_cache=True,
+        default_handler_class=NotFound,
+        default_handler_args=shared,
     )
 
 

@@ -13,6 +13,8 @@ ENV_PG_BIN = "SPATIALDB_PG_BIN"
 ENV_SERVER_USER = "SPATIALDB_SERVER_USER"
 #: The database URL `spatialdb dashboard` hands to the Streamlit app it starts.
 ENV_DASHBOARD_URL = "SPATIALDB_DASHBOARD_URL"
+#: The port of the dashboard's slide viewer tiles (default: the dashboard's port + 1).
+ENV_VIEWER_PORT = "SPATIALDB_VIEWER_PORT"
 
 #: Unprivileged account that runs the embedded server when the program runs as root.
 DEFAULT_SERVER_USER = "spatialdb"

@@ -8,6 +8,7 @@ const ONE = { tissue_region: "Tissue region", gland: "Gland", lumen: "Lumen", nu
 const DRAW_ORDER = ["nucleus", "lumen", "gland", "tissue_region"]; // a click picks the first
 const FILL_ALPHA = { tissue_region: 0.12, gland: 0.15, lumen: 0.3, nucleus: 0.35 };
 const STROKE_PX = { tissue_region: 1.5, gland: 2, lumen: 1.5, nucleus: 1 };
+const Z_INDEX = { tissue_region: 0, nucleus_density: 1, gland: 2, lumen: 3, nucleus: 4 }; // drawn bottom up
 const DENSITY_FULL = 15000; // nuclei per mm² drawn at full strength
 
 const shown = new Set(Object.keys(LAYERS)); // tables drawn
@@ -38,9 +39,11 @@ function makeStyle(info) {
     const e = feature.getExtent();
     const mm2 = (e[2] - e[0]) * (e[3] - e[1]) * (info.mpp / 1000) ** 2;
     const strength = Math.min(1, Math.sqrt(total / mm2 / DENSITY_FULL));
-    const alpha = Math.round((0.1 + 0.7 * strength) * 20) / 20;
-    return cached(`density|${best}|${alpha}`, () =>
-      new ol.style.Style({ fill: new ol.style.Fill({ color: rgba(colour(best), alpha) }) }));
+    const alpha = Math.round((0.1 + 0.5 * strength) * 20) / 20;
+    return cached(`density|${best}|${alpha}`, () => new ol.style.Style({
+      zIndex: Z_INDEX.nucleus_density,
+      fill: new ol.style.Fill({ color: rgba(colour(best), alpha) }),
+    }));
   }
 
   return function style(feature) {
@@ -50,12 +53,14 @@ function makeStyle(info) {
     if (!shown.has(layer) || hidden.has(cls)) return null;
     if (feature.getType() === "Point") {
       return cached(`point|${cls}`, () => new ol.style.Style({
+        zIndex: Z_INDEX.nucleus,
         image: new ol.style.Circle({
           radius: 2.5, fill: new ol.style.Fill({ color: rgba(colour(cls), 0.9) }),
         }),
       }));
     }
     return cached(`${layer}|${cls}`, () => new ol.style.Style({
+      zIndex: Z_INDEX[layer],
       stroke: new ol.style.Stroke({ color: rgba(colour(cls), 1), width: STROKE_PX[layer] }),
       fill: new ol.style.Fill({ color: rgba(colour(cls), FILL_ALPHA[layer]) }),
     }));
@@ -114,7 +119,8 @@ function table(rows) {
   const body = element("tbody");
   for (const [key, value] of rows) {
     let text = value;
-    if (typeof value === "number") text = Number.isInteger(value) ? value.toLocaleString("en") : value.toFixed(3);
+    if (value === null) text = "–";
+    else if (typeof value === "number") text = Number.isInteger(value) ? value.toLocaleString("en") : value.toFixed(3);
     else if (value !== null && typeof value === "object") text = JSON.stringify(value);
     body.append(element("tr", {}, element("td", {}, key), element("td", {}, String(text))));
   }
@@ -200,7 +206,9 @@ async function main() {
     found.sort((a, b) => DRAW_ORDER.indexOf(a.get("layer")) - DRAW_ORDER.indexOf(b.get("layer")));
     if (found.length) showDetails(info, found[0].get("layer"), found[0].getId());
   });
-  window.viewer = { map, image, objects, info, shown, hidden };
+  // For scripts and tests: the map, its layers, and how many times it finished rendering.
+  window.viewer = { map, image, objects, info, shown, hidden, renders: 0 };
+  map.on("rendercomplete", () => { window.viewer.renders += 1; });
 }
 
 main();

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from spatialdb.config import ENV_DASHBOARD_URL
+from spatialdb.config import ENV_DASHBOARD_URL, ENV_VIEWER_PORT
 from spatialdb.store.db import connect, redact, resolve_url
 
 APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
@@ -18,9 +18,14 @@ APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
 @click.command()
 @click.option("--address", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", default=8501, show_default=True, type=int)
+@click.option(
+    "--viewer-port", type=int, help="Port of the slide viewer's tiles [default: PORT + 1]."
+)
 @click.pass_obj
-def dashboard(obj: dict, address: str, port: int) -> int:
-    """Serve the dashboard (cohort, slide viewer, features, QuPath export) until Ctrl+C."""
+def dashboard(obj: dict, address: str, port: int, viewer_port: int | None) -> int:
+    """Serve the dashboard (cohort, slide viewer, features, QuPath export) until Ctrl+C.
+
+    The slide viewer's tiles are served beside it, on the same address."""
 
     url, _ = resolve_url(obj["db_url"])
     connect(url).dispose()  # one clear line now if the database is unusable
@@ -31,6 +36,7 @@ def dashboard(obj: dict, address: str, port: int) -> int:
         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
     ]  # fmt: skip
     try:
-        return subprocess.call(command, env={**os.environ, ENV_DASHBOARD_URL: url})
+        env = {**os.environ, ENV_DASHBOARD_URL: url, ENV_VIEWER_PORT: str(viewer_port or port + 1)}
+        return subprocess.call(command, env=env)
     except KeyboardInterrupt:
         return 0

@@ -3,13 +3,7 @@ AppTest against the real PostGIS, and end to end in Debian's Chromium driven by 
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,10 +16,8 @@ from dashboard.data import Reader
 from spatialdb.config import ENV_DASHBOARD_URL as ENV_URL
 from spatialdb.store.loader import RunWriter
 from tests.conftest import make_slide
+from tests.dashboard.conftest import APP, CHROMIUM, launch, viewer_frame
 from tests.features.test_features import load_known_slide
-
-APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.fixture
@@ -92,6 +84,8 @@ def test_slide_page_draws_overlays_whole_and_zoomed(app, slides):
     at = app("Slide")
     at.sidebar.selectbox[0].set_value(slides["known"]).run()
     assert at.title[0].value == f"Slide {slides['known']}: known"
+    assert not at.get("image")  # the still picture is drawn on demand only
+    at.toggle(key="picture").set_value(True).run()
     (image,) = elements(at, "image")
     assert image.proto.imgs[0].url
     caption = image.proto.imgs[0].caption
@@ -157,55 +151,14 @@ def test_the_dashboard_cannot_write(db_url, slides):
 # -- in a real browser -------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def served(db_url, slides):
-    """The dashboard served by `streamlit run` on a free local port."""
-    port = free_port()
-    command = [
-        sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
-        "--server.address", "127.0.0.1", "--server.headless", "true",
-        "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
-    ]  # fmt: skip
-    server = subprocess.Popen(
-        command,
-        env={**os.environ, ENV_URL: db_url},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if urllib.request.urlopen(url + "/_stcore/health", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        server.kill()
-        pytest.fail("the dashboard did not start: " + server.stdout.read().decode()[-2000:])
-    yield url
-    server.terminate()
-    server.wait(timeout=20)
-
-
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
-def test_every_page_renders_in_chromium(served, slides, tmp_path):
+def test_every_page_renders_in_chromium(dashboard_url, slides, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"],
-        )  # fmt: skip
+        browser = launch(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(served)
+        page.goto(dashboard_url)
         expect(page.get_by_role("heading", name="Cohort")).to_be_visible(timeout=60_000)
         expect(page.get_by_text("3 of 3 slides")).to_be_visible()
         page.screenshot(path=tmp_path / "cohort.png", full_page=True)
@@ -215,9 +168,13 @@ def test_every_page_renders_in_chromium(served, slides, tmp_path):
 
         page.get_by_text("Slide", exact=True).first.click()
         expect(page.get_by_role("heading", name="Slide")).to_be_visible(timeout=60_000)
-        overlay = page.locator("[data-testid='stImage'] img").first
-        expect(overlay).to_be_visible(timeout=60_000)
-        assert overlay.evaluate("img => img.naturalWidth") > 100
+        viewer = viewer_frame(page)
+        viewer.wait_for_function("window.viewer && window.viewer.renders > 0", timeout=60_000)
+        assert viewer.locator("#title").inner_text().startswith("known: 3,000")
+        page.get_by_text("Still picture of the slide or a region").click()
+        picture = page.locator("[data-testid='stImage'] img").first
+        expect(picture).to_be_visible(timeout=60_000)
+        assert picture.evaluate("img => img.naturalWidth") > 100
         page.screenshot(path=tmp_path / "slide.png", full_page=True)
 
         page.get_by_text("Features", exact=True).first.click()
