@@ -1,4 +1,5 @@
-"""Dashboard benchmark: the slide page of a slide with 1,000,000 nuclei, server side (AppTest).
+"""Dashboard benchmark: the slide page's still picture of a slide with 1,000,000 nuclei, server
+side (AppTest). The slide viewer's tiles have their own benchmark, `benchmarks/viewer.py`.
 
 Times, medians over --repeat fresh sessions (after one warm-up that pays the imports):
   - first load of the slide page: the whole slide, nuclei as a density grid, 10,000 glands,
@@ -61,6 +62,7 @@ def page_times(slide_id: int) -> tuple[float, float, str, str]:
     at = AppTest.from_file(str(APP), default_timeout=300)
     at.session_state["slide_id"] = slide_id
     at.session_state["page"] = "Slide"
+    at.session_state["picture"] = True  # the still picture, drawn on demand under the viewer
     first = timed(at)
     whole = at.get("image")[0].proto.imgs[0].caption
     at.toggle(key="zoom").set_value(True)
