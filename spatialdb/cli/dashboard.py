@@ -29,14 +29,18 @@ def dashboard(obj: dict, address: str, port: int, viewer_port: int | None) -> in
 
     url, _ = resolve_url(obj["db_url"])
     connect(url).dispose()  # one clear line now if the database is unusable
-    click.echo(f"dashboard on {redact(url)}: open http://{address}:{port} (Ctrl+C stops it)")
+    viewer_port = viewer_port or port + 1
+    click.echo(
+        f"dashboard on {redact(url)}: open http://{address}:{port} (slide viewer tiles on port "
+        f"{viewer_port}; Ctrl+C stops it)"
+    )
     command = [
         sys.executable, "-m", "streamlit", "run", str(APP),
         "--server.address", address, "--server.port", str(port), "--server.headless", "true",
         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
     ]  # fmt: skip
     try:
-        env = {**os.environ, ENV_DASHBOARD_URL: url, ENV_VIEWER_PORT: str(viewer_port or port + 1)}
+        env = {**os.environ, ENV_DASHBOARD_URL: url, ENV_VIEWER_PORT: str(viewer_port)}
         return subprocess.call(command, env=env)
     except KeyboardInterrupt:
         return 0
