@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import math
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -29,18 +30,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tornado.httpserver import HTTPServer
+from tornado.log import access_log
 from tornado.netutil import bind_sockets
 from tornado.web import Application, HTTPError, RequestHandler, StaticFileHandler
 
 from dashboard import vector_tiles
 from dashboard.data import TABLES, Reader, Unavailable
-from dashboard.tiles import ByteCache, OutsidePyramid, Pyramid, image_tile
+from dashboard.tiles import TILE_PX, ByteCache, OutsidePyramid, Pyramid, image_tile
 
 STATIC = Path(__file__).resolve().parent / "viewer"
 #: Where `scripts/setup.sh` puts OpenLayers (from the npm registry, checksum checked).
 OPENLAYERS = STATIC / "ol" / "ol.js"
 CACHE_BYTES = 256 * 2**20  # per kind of tile
 THREADS = 4
+READERS_PER_THREAD = 8
 IMAGE_MAX_AGE = 3600  # s; a slide's pixels do not change, but its file might be replaced
 MAX_ID = 2**31 - 1
 
@@ -97,18 +100,24 @@ class Tiles:
 
     def image(self, slide_id: int, z: int, x: int, y: int) -> bytes:
         slide = self.slide(slide_id)
-        pyramid = within(slide.pyramid, z, x, y)
+        check_address(slide.pyramid, z, x, y)
         key = (slide_id, slide.file_path, z, x, y)
         tile = self.images.get(key)
         if tile is None:
-            tile = image_tile(self._open(slide), pyramid, z, x, y)
+            reader = self._open(slide)
+            try:
+                tile = image_tile(reader, slide.pyramid, z, x, y)
+            except Exception as exc:  # a damaged file: whatever its reader raises
+                message = f"slide {slide_id}'s tile {z}/{x}/{y} cannot be read ({exc})"
+                raise refused(500, message.splitlines()[0]) from exc
             self.images.put(key, tile)
         return tile
 
     def overlay(self, slide_id: int, run_id: int, z: int, x: int, y: int) -> bytes:
         """The tile's MVT, gzip-compressed."""
         slide = self.current(slide_id, run_id)
-        pyramid = within(slide.pyramid, z, x, y)
+        pyramid = slide.pyramid
+        check_address(pyramid, z, x, y)
         key = (slide_id, run_id, z, x, y)
         tile = self.overlays.get(key)
         if tile is None:
@@ -159,41 +168,41 @@ class Tiles:
             "width": slide.width,
             "height": slide.height,
             "mpp": slide.mpp,
-            "tile_px": 256,
+            "tile_px": TILE_PX,
             "max_zoom": pyramid.max_zoom,
             "run_id": slide.run_id,
             "image": Path(slide.file_path).is_file(),
             "counts": counts,
             "colours": {c: self.reader.colour(c, known) for c in sorted(classes)},
-            "nuclei": {
-                form: pyramid.max_zoom - (scale.bit_length() - 1)
-                for form, scale in (
-                    ("outlines_from_zoom", vector_tiles.OUTLINES_TO),
-                    ("centroids_from_zoom", vector_tiles.POINTS_TO),
-                )
+            "nuclei": {  # the zooms from which nuclei are drawn as outlines, as centroids
+                "outlines_from_zoom": pyramid.max_zoom - int(math.log2(vector_tiles.OUTLINES_TO)),
+                "centroids_from_zoom": pyramid.max_zoom - int(math.log2(vector_tiles.POINTS_TO)),
             },
         }
 
     def _open(self, slide: Slide):
-        """The slide's file open in this thread (a reader per thread: no shared file state)."""
+        """The slide's file open in this thread (a reader per thread: no shared file state; the
+        READERS_PER_THREAD most recently opened kept)."""
         from inference.slide import SlideError, open_slide
 
-        readers = self._local.__dict__.setdefault("readers", {})
+        readers: dict = self._local.__dict__.setdefault("readers", {})
         key = (slide.id, slide.file_path)
         if key not in readers:
             try:
-                readers[key] = open_slide(slide.file_path)
+                reader = open_slide(slide.file_path)
             except (SlideError, OSError, ValueError) as exc:
                 raise refused(404, f"slide {slide.id}'s image is unavailable") from exc
+            if len(readers) >= READERS_PER_THREAD:
+                readers.pop(next(iter(readers)))
+            readers[key] = reader
         return readers[key]
 
 
-def within(pyramid: Pyramid, z: int, x: int, y: int) -> Pyramid:
+def check_address(pyramid: Pyramid, z: int, x: int, y: int) -> None:
     try:
         pyramid.box(z, x, y)
     except OutsidePyramid as exc:
         raise refused(404, str(exc)) from None
-    return pyramid
 
 
 def refused(status: int, message: str) -> HTTPError:
@@ -223,10 +232,6 @@ class Handler(RequestHandler):
     def write_error(self, status_code: int, **kwargs) -> None:
         self.set_header("Content-Type", "text/plain; charset=utf-8")
         self.finish(f"{status_code}: {self._reason}\n")
-
-    def log_exception(self, typ, value, tb) -> None:
-        if not isinstance(value, HTTPError):  # a refused request is no server error
-            super().log_exception(typ, value, tb)
 
 
 class Info(Handler):
@@ -289,7 +294,15 @@ def application(tiles: Tiles) -> Application:
         ],
         default_handler_class=NotFound,
         default_handler_args=shared,
+        log_function=log_failure,
     )
+
+
+def log_failure(handler: RequestHandler) -> None:
+    """Only server errors go to the log: the viewer's requests are many and refusals expected."""
+    if handler.get_status() >= 500:
+        access_log.error("%d %s %s", handler.get_status(), handler.request.method,
+                         handler.request.uri)  # fmt: skip
 
 
 class ViewerServer:

@@ -178,6 +178,11 @@ async function main() {
     }),
   });
   if (info.run_id === null) objects.setVisible(false);
+  // A refused object tile: if the slide was re-ingested meanwhile, show its new run.
+  objects.getSource().on("tileloaderror", async () => {
+    const now = await fetch(`/slides/${info.id}/info.json`).then((r) => (r.ok ? r.json() : null));
+    if (now && now.run_id !== info.run_id) location.reload();
+  });
   const map = new ol.Map({
     target: "map",
     layers: [image, objects],

@@ -38,7 +38,7 @@ INSERT INTO nucleus_density (slide_id, level, gx, gy, class, run_id, n)
 SELECT s.id, 0, floor(ST_X(n.centroid) / %(cell)s)::integer,
        floor(ST_Y(n.centroid) / %(cell)s)::integer, n.class, s.current_run_id, count(*)
 FROM slide s JOIN nucleus n ON n.slide_id = s.id AND n.run_id = s.current_run_id
-WHERE s.id = %(slide)s
+WHERE s.id = %(slide)s AND n.slide_id = %(slide)s  -- both: one shard's query on Citus
 GROUP BY 1, 2, 3, 4, 5, 6
 """
 DENSITY_LEVEL = """

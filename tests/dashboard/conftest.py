@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from spatialdb.config import ENV_DASHBOARD_URL
+from spatialdb.config import ENV_DASHBOARD_URL, ENV_VIEWER_PORT
 
 APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -27,8 +27,13 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def dashboard_url(db_url):
-    """The dashboard on a free local port (its slide viewer on the next port, or any free one)."""
+def viewer_port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def dashboard_url(db_url, viewer_port):
+    """The dashboard on a free local port, its slide viewer on `viewer_port`."""
     port = free_port()
     command = [
         sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
@@ -37,7 +42,7 @@ def dashboard_url(db_url):
     ]  # fmt: skip
     server = subprocess.Popen(
         command,
-        env={**os.environ, ENV_DASHBOARD_URL: db_url},
+        env={**os.environ, ENV_DASHBOARD_URL: db_url, ENV_VIEWER_PORT: str(viewer_port)},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )

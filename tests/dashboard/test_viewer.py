@@ -307,7 +307,7 @@ def colour_distance(image: np.ndarray, pixel, colour) -> float:
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
-def test_the_slide_viewer_in_chromium(dashboard_url, viewed, tmp_path):
+def test_the_slide_viewer_in_chromium(dashboard_url, viewer_port, viewed, tmp_path):
     """The dashboard's slide page: the viewer loads, zooms in and out and pans with the mouse,
     fetches vector tiles and draws their objects in their class colours, hides a layer, and
     shows a clicked gland's measurements and features."""
@@ -321,6 +321,7 @@ def test_the_slide_viewer_in_chromium(dashboard_url, viewed, tmp_path):
         page.goto(dashboard_url)
         page.get_by_text("Slide", exact=True).first.click()
         frame = viewer_frame(page)
+        assert frame.url == f"http://127.0.0.1:{viewer_port}/viewer?slide={viewed['id']}"
         frame.wait_for_function("window.viewer && window.viewer.renders > 0", timeout=60_000)
         frame.locator("#map").scroll_into_view_if_needed()
         info = frame.evaluate("window.viewer.info")
