@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from inference import datasets, weights
 from inference.datasets import LabelledImage
@@ -71,6 +72,9 @@ class TrainConfig:
     warmup: int = 100
     init: str | None = None  # start from these weights (parameters of matching name and shape)
     mix: dict[str, float] = field(default_factory=lambda: {"monuseg": 0.4, "consep": 0.6})
+    #: Decay of an exponential moving average of the weights (parameters and batch-norm
+    #: statistics), updated every step and saved as the result; 0: none, the last weights saved.
+    ema: float = 0.0
     patch_loss_weight: float = 0.5
     hv_loss_weight: float = 1.0
     #: Names (prefixes) of the parameters trained; empty: all. The rest is frozen, and its batch
@@ -437,10 +441,17 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> Path:
         initialise(net, config.init, log)
     trained = trainable(net, config.train_only)
     optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
+    average = (
+        AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
+        if config.ema
+        else None
+    )
     if resume and checkpoint_path.exists():
         saved = torch.load(checkpoint_path, map_location=config.device, weights_only=False)
         net.load_state_dict(saved["net"])
         optimizer.load_state_dict(saved["optimizer"])
+        if average is not None:
+            average.load_state_dict(saved["average"])
         state = saved["state"]
         log(f"resumed at step {state['step']}")
     rng = np.random.default_rng(config.seed + state["step"])
@@ -460,6 +471,8 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> Path:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if average is not None:
+            average.update_parameters(net)
         state["step"] += 1
         state["seconds"] += time.time() - tick
         window.append({k: float(v.detach()) for k, v in losses.items()})
@@ -476,7 +489,7 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> Path:
             )
             window = []
         if state["step"] % config.checkpoint_every == 0 or state["step"] == config.steps:
-            _checkpoint(checkpoint_path, net, optimizer, state, config)
+            _checkpoint(checkpoint_path, net, optimizer, state, config, average)
     training = {
         "config": asdict(config),
         "data": summary,
@@ -493,7 +506,7 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> Path:
     }
     weights.save(
         path,
-        net,
+        average.module if average is not None else net,
         untrained=untrained_classes(net.preset),
         postprocess={**POSTPROCESS, "contour_px": contour_px},
         training=training,
@@ -512,12 +525,13 @@ def untrained_classes(preset: Preset) -> dict[str, list[str]]:
     }
 
 
-def _checkpoint(path: Path, net, optimizer, state: dict, config: TrainConfig) -> None:
+def _checkpoint(path: Path, net, optimizer, state: dict, config: TrainConfig, average=None) -> None:
     partial = path.with_name(path.name + ".partial")
     torch.save(
         {
             "net": net.state_dict(),
             "optimizer": optimizer.state_dict() if optimizer else None,
+            "average": average.state_dict() if average is not None else None,
             "state": state,
             "config": asdict(config),
         },
