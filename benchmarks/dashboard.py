@@ -17,16 +17,16 @@ Uses SPATIALDB_URL, or the embedded cluster in SPATIALDB_HOME.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-# This file is called dashboard.py too: the `dashboard` package must not resolve to it.
-sys.path.remove(str(Path(__file__).resolve().parent))
+# This file is called dashboard.py too: the repository's `dashboard` package must come first.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import synthetic  # benchmarks/synthetic.py, beside this file
 from streamlit.testing.v1 import AppTest
 
 from dashboard.data import Box
@@ -38,16 +38,6 @@ from spatialdb.store.db import connect
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "dashboard" / "app.py"
 SAMPLE = ROOT / "data" / "sample" / "CMU-1-Small-Region.svs"
-
-
-def synthetic():
-    """benchmarks/synthetic.py, loaded by path (this folder is off sys.path, see above)."""
-    spec = importlib.util.spec_from_file_location(
-        "synthetic", Path(__file__).with_name("synthetic.py")
-    )
-    module = sys.modules["synthetic"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def timed(at: AppTest) -> float:
@@ -79,8 +69,9 @@ def main() -> None:
 
     engine = connect()
     os.environ[ENV_URL] = engine.url.render_as_string(hide_password=False)
-    make = synthetic()
-    slide_id = make.load_slide(engine, "dashboard-benchmark", make.gland_slide(nuclei=args.nuclei))
+    slide_id = synthetic.load_slide(
+        engine, "dashboard-benchmark", synthetic.gland_slide(nuclei=args.nuclei)
+    )
     try:
         page_times(slide_id)  # warm-up: imports, first connections
         runs = [page_times(slide_id) for _ in range(args.repeat)]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import http.client
-import importlib.util
 import math
 import statistics
 import sys
@@ -32,10 +31,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-# The `dashboard` package must not resolve to benchmarks/dashboard.py.
-sys.path.remove(str(Path(__file__).resolve().parent))
+# The repository's `dashboard` package must come before benchmarks/dashboard.py.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
+import synthetic  # benchmarks/synthetic.py, beside this file
 from sqlalchemy import text
 
 from dashboard.data import Box, Reader
@@ -48,16 +48,6 @@ from spatialdb.store.db import connect
 
 VIEW_PX = 1024
 BROWSER_CONNECTIONS = 6
-
-
-def synthetic():
-    """benchmarks/synthetic.py, loaded by path (this folder is off sys.path, see above)."""
-    spec = importlib.util.spec_from_file_location(
-        "synthetic", Path(__file__).with_name("synthetic.py")
-    )
-    module = sys.modules["synthetic"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def percentile(values, q: float) -> float:
@@ -199,9 +189,8 @@ def main() -> None:
 
     engine = connect()
     url = engine.url.render_as_string(hide_password=False)
-    make = synthetic()
     started = time.perf_counter()
-    synthetic_id = make.load_slide(engine, "viewer", make.gland_slide(nuclei=args.nuclei))
+    synthetic_id = synthetic.load_slide(engine, "viewer", synthetic.gland_slide(nuclei=args.nuclei))
     refresh(engine, synthetic_id)
     print(f"synthetic slide loaded and refreshed in {time.perf_counter() - started:.0f} s")
     try:
