@@ -188,6 +188,7 @@ async function main() {
     layers: [image, objects],
     controls: ol.control.defaults.defaults({ attribution: false }).extend([
       new ol.control.ScaleLine({ units: "metric" }),
+      new ol.control.ZoomToExtent({ extent, label: "⤢", tipLabel: "Whole slide" }),
       new ol.control.MousePosition({
         coordinateFormat: (c) => `${(c[0] * info.mpp).toFixed(1)}, ${(-c[1] * info.mpp).toFixed(1)} µm`,
       }),
