@@ -17,4 +17,4 @@ if [ -z "${PAQUO_QUPATH_DIR:-}" ] && [ -d ../shared/vendor/qupath-0.6.0-headless
     eval "$(.venv/bin/python -m tests.qupath .qupath)"
 fi
 .venv/bin/spatialdb export-qupath out/qupath --slide CMU-1-Small-Region
-echo "dashboard: .venv/bin/spatialdb dashboard, then open http://127.0.0.1:8501"
+echo "dashboard: .venv/bin/spatialdb dashboard, then open http://127.0.0.1:8501 (the Slide page has the slide viewer)"
