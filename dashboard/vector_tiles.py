@@ -8,7 +8,8 @@ carries a million polygons: outlines where a tile pixel covers at most `OUTLINES
 pixels, centroids up to `POINTS_TO`, and beyond that a `nucleus_density` layer of square cells
 (at least `DENSITY_CELL_PX` level-0 pixels and 8 tile pixels wide) holding each class's count,
 read from the level of the stored `nucleus_density` pyramid with cells that size (or counted from
-the centroids where a slide has none). Objects smaller than 2 × 2 tile pixels are left out.
+the centroids where a run has none: not refreshed yet). Objects smaller than 2 × 2 tile
+pixels are left out.
 """
 
 from __future__ import annotations

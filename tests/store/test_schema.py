@@ -68,3 +68,35 @@ def test_geometries_are_level0_pixels_with_srid_0(session_engine):
         ("tissue_region", "geom"): (0, "MULTIPOLYGON"),
         **{(t, "centroid"): (0, "POINT") for t in OBJECT_TABLES},
     }
+
+
+def test_the_density_migration_counts_the_nuclei_already_stored(session_engine, engine):
+    """Migration 0012 fills `nucleus_density` for the slides stored before it, as a feature
+    refresh does."""
+    from spatialdb.features.refresh import nucleus_density
+    from spatialdb.store.loader import RunWriter
+    from tests.conftest import blobs, make_slide
+
+    with RunWriter(engine, make_slide("before-0012", 20_000, 20_000)) as run:
+        run.add("nucleus", blobs(5_000, seed=5), ["epithelial", "connective"] * 2_500)
+        slide_id = run.commit().slide_id
+    config = alembic_config(session_engine.url.render_as_string(hide_password=False))
+    command.downgrade(config, "0011")
+    command.upgrade(config, "head")
+    query = text(
+        "SELECT level, gx, gy, class, run_id, n FROM nucleus_density WHERE slide_id = :s "
+        "ORDER BY 1, 2, 3, 4"
+    )
+    with session_engine.connect() as conn:
+        migrated = conn.execute(query, {"s": slide_id}).all()
+    raw = session_engine.raw_connection()
+    try:
+        nucleus_density(raw.cursor(), slide_id)
+        raw.commit()
+    finally:
+        raw.close()
+    with session_engine.connect() as conn:
+        refreshed = conn.execute(query, {"s": slide_id}).all()
+    assert migrated == refreshed
+    assert {row.level for row in migrated} == {0, 1, 2}
+    assert sum(row.n for row in migrated if row.level == 2) == 5_000
