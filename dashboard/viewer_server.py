@@ -87,7 +87,6 @@ class Tiles:
         self.images = ByteCache(cache_bytes)
         self.overlays = ByteCache(cache_bytes)
         self.pool = ThreadPoolExecutor(THREADS, thread_name_prefix="viewer")
-        self._stored_density: dict[tuple[int, int], bool] = {}
         self._local = threading.local()
 
     def slide(self, slide_id: int) -> Slide:
@@ -121,13 +120,13 @@ class Tiles:
         key = (slide_id, run_id, z, x, y)
         tile = self.overlays.get(key)
         if tile is None:
-            stored = self._stored_density.get((slide_id, run_id))
-            if stored is None:
-                stored = vector_tiles.has_density(self.reader, slide_id, run_id)
-                self._stored_density[(slide_id, run_id)] = stored
+            scale = pyramid.scale(z)
+            # Asked per density tile, not remembered: a refresh may store them later.
+            stored = vector_tiles.nucleus_form(scale) == "density" and vector_tiles.has_density(
+                self.reader, slide_id, run_id
+            )
             mvt = vector_tiles.vector_tile(
-                self.reader, slide_id, run_id, pyramid.box(z, x, y), pyramid.scale(z),
-                slide.mpp, stored,
+                self.reader, slide_id, run_id, pyramid.box(z, x, y), scale, slide.mpp, stored,
             )  # fmt: skip
             tile = gzip.compress(mvt, compresslevel=5, mtime=0)
             self.overlays.put(key, tile)
