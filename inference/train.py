@@ -16,11 +16,15 @@ Checkpoints go to `<out>/checkpoint.pt` (resumable), the result to `<out>/weight
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import subprocess
 import sys
 import time
 import tomllib
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -29,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from inference import datasets, weights
+from inference import datasets, pack, weights
 from inference.datasets import LabelledImage
 from inference.network import (
     LABELLED_GLAND_TYPES,
@@ -67,6 +71,11 @@ class TrainConfig:
     batch: int = 8
     region_batch: int = 6  # 0: no region batch (a nuclear transfer step)
     steps: int = 3000
+    #: Fit the run into this many minutes of training (the step count timed over its first
+    #: steps, at most `steps`); 0: exactly `steps`.
+    minutes: float = 0.0
+    #: Threads drawing batches ahead of the network (0: drawn in turn, as on a CPU).
+    loader_threads: int = 0
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup: int = 100
@@ -94,6 +103,10 @@ class TrainConfig:
     )
     checkpoint_every: int = 100
     log_every: int = 20
+
+    def __post_init__(self):
+        if self.minutes and self.warmup < FIT_STEPS[1]:
+            raise ValueError(f"minutes needs a warm-up of at least {FIT_STEPS[1]} steps")
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> TrainConfig:
@@ -142,9 +155,11 @@ def consep_split(root: Path, every: int) -> tuple[list[str], list[str]]:
     return datasets.split_names(names, every)
 
 
-def load_pools(config: TrainConfig, preset: Preset) -> tuple[dict[str, list[Prepared]], dict]:
-    """Training images per dataset (GlaS at the region resolution, the nuclear datasets at the
-    input's), and a summary naming what was held out."""
+def read_training(
+    config: TrainConfig, preset: Preset
+) -> tuple[dict[str, list[LabelledImage]], dict]:
+    """Training images per dataset from the dataset folders (GlaS at the region resolution, the
+    nuclear datasets at the input's), and a summary naming what was held out."""
     root = Path(config.data)
     region_mpp = preset.mpp * preset.gland_scale
     glas_names = [name for name, *_ in datasets.glas_pairs(root / "glas")]
@@ -161,17 +176,28 @@ def load_pools(config: TrainConfig, preset: Preset) -> tuple[dict[str, list[Prep
         "consep": lambda: datasets.read_consep(root / "consep", preset.mpp, set(consep_train)),
     }
     wanted = ["glas", *(name for name, weight in config.mix.items() if weight > 0)]
-    pools = {
-        source: [
-            prepare(item, config.contour_um, region_mpp if source == "glas" else preset.mpp)
-            for item in read[source]()
-        ]
-        for source in wanted
-    }
     summary = {
         "glas": {"train": glas_train, "held_out": glas_val, "mpp": region_mpp},
         "monuseg": {"train": monuseg_train, "held_out": list(config.monuseg_held_out)},
         "consep": {"train": consep_train, "held_out": consep_val},
+    }
+    return {source: read[source]() for source in wanted}, summary
+
+
+def load_pools(config: TrainConfig, preset: Preset) -> tuple[dict[str, list[Prepared]], dict]:
+    """Prepared training images per dataset, read from the dataset folders or, where
+    `config.data` is an unpacked training pack (`inference.pack`), from the pack."""
+    if pack.is_pack(config.data):
+        items, summary = pack.read(config.data, config, preset)
+    else:
+        items, summary = read_training(config, preset)
+    region_mpp = preset.mpp * preset.gland_scale
+    pools = {
+        source: [
+            prepare(item, config.contour_um, region_mpp if source == "glas" else preset.mpp)
+            for item in listed
+        ]
+        for source, listed in items.items()
     }
     return pools, summary
 
@@ -181,7 +207,7 @@ class TaskSampler:
     with flips, right-angle rotations and colour jitter; with `hv`, nuclei's distance maps."""
 
     def __init__(
-        self, pools: dict[str, list[Prepared]], mix: dict[str, float], crop: int, rng, hv=False
+        self, pools: dict[str, list[Prepared]], mix: dict[str, float], crop: int, hv=False
     ):
         self.pools = {name: pools[name] for name in mix if mix[name] > 0 and pools.get(name)}
         if not self.pools:
@@ -189,19 +215,18 @@ class TaskSampler:
         weights_ = np.array([mix[name] for name in self.pools], dtype=float)
         self.mix = weights_ / weights_.sum()
         self.crop = crop
-        self.rng = rng
         self.hv = hv
 
-    def sample(self) -> dict:
-        source = list(self.pools)[self.rng.choice(len(self.pools), p=self.mix)]
+    def sample(self, rng: np.random.Generator) -> dict:
+        source = list(self.pools)[rng.choice(len(self.pools), p=self.mix)]
         pool = self.pools[source]
         areas = np.array([p.image.shape[0] * p.image.shape[1] for p in pool], dtype=float)
-        item = pool[self.rng.choice(len(pool), p=areas / areas.sum())]
+        item = pool[rng.choice(len(pool), p=areas / areas.sum())]
         h, w = item.image.shape[:2]
-        top = int(self.rng.integers(0, max(h - self.crop, 0) + 1))
-        left = int(self.rng.integers(0, max(w - self.crop, 0) + 1))
+        top = int(rng.integers(0, max(h - self.crop, 0) + 1))
+        left = int(rng.integers(0, max(w - self.crop, 0) + 1))
         window = (slice(top, top + self.crop), slice(left, left + self.crop))
-        k, flip = int(self.rng.integers(4)), bool(self.rng.integers(2))
+        k, flip = int(rng.integers(4)), bool(rng.integers(2))
 
         def view(array: np.ndarray) -> np.ndarray:
             array = _pad_to(array[window], self.crop)
@@ -209,8 +234,8 @@ class TaskSampler:
             return np.ascontiguousarray(array[:, ::-1] if flip else array)
 
         image = view(item.image).astype(np.float32)
-        gain = self.rng.uniform(0.9, 1.1, size=3).astype(np.float32)
-        bias = self.rng.uniform(-12, 12, size=3).astype(np.float32)
+        gain = rng.uniform(0.9, 1.1, size=3).astype(np.float32)
+        bias = rng.uniform(-12, 12, size=3).astype(np.float32)
         image = np.clip(image * gain + bias, 0, 255)
         sample = {
             "image": image.transpose(2, 0, 1),
@@ -226,8 +251,33 @@ class TaskSampler:
             )
         return sample
 
-    def batch(self, size: int) -> dict[str, torch.Tensor]:
-        return collate([self.sample() for _ in range(size)], self.crop)
+    def batch(self, size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        return collate([self.sample(rng) for _ in range(size)], self.crop)
+
+
+def step_batches(samplers: dict[str, TaskSampler], config: TrainConfig, step: int) -> dict:
+    """A step's region and nuclear batches, drawn with a generator seeded by (seed, step): the
+    same whichever thread draws them and wherever a run resumes."""
+    rng = np.random.default_rng((config.seed, step))
+    sizes = {"region": config.region_batch, "nuclear": config.batch}
+    return {name: samplers[name].batch(size, rng) for name, size in sizes.items() if size}
+
+
+def batches(samplers: dict[str, TaskSampler], config: TrainConfig, first: int) -> Iterator[dict]:
+    """Each step's batches from step `first` on; with `loader_threads`, drawn that many steps
+    ahead on as many threads while the network trains (cropping is numpy, which releases the
+    GIL: what keeps a GPU busy)."""
+    if not config.loader_threads:
+        yield from (step_batches(samplers, config, step) for step in itertools.count(first))
+        return
+    with ThreadPoolExecutor(config.loader_threads) as pool:
+        ahead = deque(
+            pool.submit(step_batches, samplers, config, step)
+            for step in range(first, first + config.loader_threads)
+        )
+        for step in itertools.count(first + config.loader_threads):
+            yield ahead.popleft().result()
+            ahead.append(pool.submit(step_batches, samplers, config, step))
 
 
 def _pad_to(array: np.ndarray, size: int) -> np.ndarray:
@@ -366,19 +416,16 @@ def batch_losses(out: dict, batch: dict, config: TrainConfig) -> dict[str, torch
     return losses
 
 
-def step_losses(net: CerberusNet, samplers: dict, config: TrainConfig) -> dict[str, torch.Tensor]:
+def step_losses(net: CerberusNet, step: dict, config: TrainConfig) -> dict[str, torch.Tensor]:
     """One step's losses: the region batch through the region tasks, the nuclear batch through
     the nuclear ones, each at its own resolution."""
     losses = {}
-    for tasks, sampler, size in (
-        (REGION_TASKS, samplers["region"], config.region_batch),
-        (NUCLEAR_TASKS, samplers["nuclear"], config.batch),
-    ):
-        if size == 0:
+    for tasks, name in ((REGION_TASKS, "region"), (NUCLEAR_TASKS, "nuclear")):
+        if name not in step:
             continue
-        batch = sampler.batch(size)
+        batch = step[name]
         with autocast(config.device, enabled=config.bf16 and use_bf16(config.device)):
-            out = net.decode(batch["image"].to(config.device), tasks=tasks)
+            out = net.decode(batch["image"].to(config.device, non_blocking=True), tasks=tasks)
         losses.update(batch_losses(out, batch, config))
     return losses
 
@@ -454,19 +501,22 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> Path:
             average.load_state_dict(saved["average"])
         state = saved["state"]
         log(f"resumed at step {state['step']}")
-    rng = np.random.default_rng(config.seed + state["step"])
     torch.manual_seed(config.seed + state["step"])
+    if config.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # crops of fixed sizes
     samplers = {
-        "region": TaskSampler(pools, {"glas": 1.0}, config.region_crop, rng),
-        "nuclear": TaskSampler(pools, config.mix, config.crop, rng, hv=net.preset.nucleus_hv),
+        "region": TaskSampler(pools, {"glas": 1.0}, config.region_crop),
+        "nuclear": TaskSampler(pools, config.mix, config.crop, hv=net.preset.nucleus_hv),
     }
     train_mode(net, config.train_only)
     window = []
-    while state["step"] < config.steps:
+    steps = iter(batches(samplers, config, state["step"]))
+    while state["step"] < state.get("total", config.steps):
+        total = state.get("total", config.steps)
         tick = time.time()
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(state["step"], config.steps, config.lr, config.warmup)
-        losses = step_losses(net, samplers, config)
+            group["lr"] = learning_rate(state["step"], total, config.lr, config.warmup)
+        losses = step_losses(net, next(steps), config)
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -475,25 +525,28 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> Path:
             average.update_parameters(net)
         state["step"] += 1
         state["seconds"] += time.time() - tick
+        if config.minutes and "total" not in state:
+            _fit_schedule(state, config, log)
         window.append({k: float(v.detach()) for k, v in losses.items()})
-        if state["step"] % config.log_every == 0 or state["step"] == config.steps:
+        last = state["step"] == state.get("total", config.steps)
+        if state["step"] % config.log_every == 0 or last:
             means = {
                 k: float(np.mean([w[k] for w in window if k in w]))
                 for k in {k for w in window for k in w}
             }
             state["history"].append({"step": state["step"], **means})
             log(
-                f"step {state['step']}/{config.steps} "
+                f"step {state['step']}/{state.get('total', config.steps)} "
                 + " ".join(f"{k}={v:.3f}" for k, v in sorted(means.items()))
                 + f" ({(time.time() - tick):.2f} s/step, {state['seconds'] / 60:.1f} min)"
             )
             window = []
-        if state["step"] % config.checkpoint_every == 0 or state["step"] == config.steps:
+        if state["step"] % config.checkpoint_every == 0 or last:
             _checkpoint(checkpoint_path, net, optimizer, state, config, average)
     training = {
         "config": asdict(config),
         "data": summary,
-        "steps": config.steps,
+        "steps": state["step"],
         "batch": {"nuclear": config.batch, "region": config.region_batch},
         "crop": {"nuclear": config.crop, "region": config.region_crop},
         "train_seconds": round(state["seconds"]),
@@ -513,6 +566,23 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> Path:
     )
     log(f"weights written to {path}")
     return path
+
+
+#: Steps timed to fit a schedule into `minutes` (after 5 that warm caches and autotuning up).
+FIT_STEPS = (5, 30)
+
+
+def _fit_schedule(state: dict, config: TrainConfig, log=print) -> None:
+    """Fix the run's length once FIT_STEPS are timed: the steps that fill `config.minutes` at
+    their pace, at most `config.steps`; the cosine decay then spans exactly those."""
+    first, last = FIT_STEPS
+    if state["step"] == first:
+        state["fit_from"] = state["seconds"]
+    elif state["step"] == last:
+        pace = (state["seconds"] - state.pop("fit_from")) / (last - first)
+        left = config.minutes * 60 - state["seconds"]
+        state["total"] = max(last, min(config.steps, last + int(left / pace)))
+        log(f"{pace * 1000:.0f} ms/step: {state['total']} steps fill {config.minutes:g} min")
 
 
 def untrained_classes(preset: Preset) -> dict[str, list[str]]:

@@ -12,11 +12,14 @@ from inference.targets import hv_maps
 from inference.train import (
     TaskSampler,
     TrainConfig,
+    _fit_schedule,
+    batches,
     hv_loss,
     initialise,
     load_pools,
     patch_loss,
     segmentation_loss,
+    step_batches,
     step_losses,
     train,
     train_mode,
@@ -90,13 +93,11 @@ def test_a_transfer_step_trains_the_named_modules_and_nothing_else(tmp_path):
     )
     net = build(config.preset)
     pools, _ = load_pools(config, net.preset)
-    rng = np.random.default_rng(0)
-    nuclear = TaskSampler(pools, config.mix, config.crop, rng, hv=True)
-    samplers = {"region": None, "nuclear": nuclear}
+    samplers = {"nuclear": TaskSampler(pools, config.mix, config.crop, hv=True)}
     before = {k: v.clone() for k, v in net.state_dict().items()}
     optimizer = torch.optim.SGD(trainable(net, config.train_only), lr=0.1)
     train_mode(net, config.train_only)
-    losses = step_losses(net, samplers, config)
+    losses = step_losses(net, step_batches(samplers, config, 0), config)
     assert set(losses) == {"Nuclei", "Nuclei#TYPE", "Nuclei-HV"}
     sum(losses.values()).backward()
     optimizer.step()
@@ -125,14 +126,62 @@ def test_region_and_nuclear_pools_carry_their_own_labels_at_their_own_resolution
         f"train_{n}" for n in (1, 2, 3, 4)
     }
     rng = np.random.default_rng(0)
-    region = TaskSampler(pools, {"glas": 1.0}, 128, rng).batch(4)
+    region = TaskSampler(pools, {"glas": 1.0}, 128).batch(4, rng)
     assert region["Gland"][2].all() and region["Gland#TYPE"][1].all()
     assert not region["Nuclei"][2].any() and not region["Nuclei#TYPE"][1].any()
-    nuclear = TaskSampler(pools, config.mix, 96, rng).batch(32)
+    nuclear = TaskSampler(pools, config.mix, 96).batch(32, rng)
     has_nuclei, has_types = nuclear["Nuclei"][2], nuclear["Nuclei#TYPE"][1]
     assert has_nuclei.all() and has_types.any() and not has_types.all()  # MoNuSeg has no types
     assert not nuclear["Gland"][2].any() and (nuclear["Patch-Class"] == -1).all()
     assert nuclear["image"].shape == (32, 3, 96, 96)
+
+
+def test_batches_drawn_ahead_on_threads_are_the_batches_of_their_steps(tmp_path):
+    """Each step's batches depend on (seed, step) alone: drawn ahead on three threads, from step
+    4 of a resumed run, they are what step_batches draws in turn for steps 4, 5, 6."""
+    config = TrainConfig(
+        data=str(write_all(tmp_path / "data")),
+        monuseg_held_out=["tile-b"],
+        crop=64,
+        region_crop=64,
+        batch=3,
+        region_batch=2,
+        loader_threads=3,
+    )
+    pools, _ = load_pools(config, PRESETS["cpu-multiscale"])
+    samplers = {
+        "region": TaskSampler(pools, {"glas": 1.0}, config.region_crop),
+        "nuclear": TaskSampler(pools, config.mix, config.crop),
+    }
+    ahead = batches(samplers, config, 4)
+    drawn = [next(ahead) for _ in range(3)]
+    ahead.close()
+    for step, got in zip((4, 5, 6), drawn, strict=True):
+        expected = step_batches(samplers, config, step)
+        for name in ("region", "nuclear"):
+            assert torch.equal(got[name]["image"], expected[name]["image"])
+            assert torch.equal(got[name]["Gland"][0], expected[name]["Gland"][0])
+    assert not torch.equal(drawn[0]["nuclear"]["image"], drawn[1]["nuclear"]["image"])
+
+
+def test_a_schedule_in_minutes_is_fitted_to_the_pace_of_its_first_steps():
+    config = TrainConfig(minutes=1.0, steps=10_000, warmup=30)
+    state = {"step": 0, "seconds": 0.0}
+    while "total" not in state:
+        state["step"] += 1
+        state["seconds"] += 0.5 if state["step"] <= 5 else 0.1  # slow first steps not counted
+        _fit_schedule(state, config, log=lambda line: None)
+    assert state["step"] == 30
+    assert abs(state["total"] - (30 + (60 - 5.0) / 0.1)) <= 1  # 55 s left at 0.1 s a step
+    capped = TrainConfig(minutes=60.0, steps=1_000, warmup=30)
+    state = {"step": 0, "seconds": 0.0}
+    while "total" not in state:
+        state["step"] += 1
+        state["seconds"] += 0.1
+        _fit_schedule(state, capped, log=lambda line: None)
+    assert state["total"] == 1_000
+    with pytest.raises(ValueError, match="warm-up"):
+        TrainConfig(minutes=5.0, warmup=10)
 
 
 def test_warm_start_copies_the_tensors_whose_name_and_shape_match(tmp_path):
