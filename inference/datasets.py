@@ -351,6 +351,46 @@ def _mosaic(parts: list, side: int, scale: float):
     return grid(images), grid(nuclei).astype(np.int32), grid(types).astype(np.uint8)
 
 
+# --- training splits ---------------------------------------------------------------------
+
+
+def consep_split(root: Path, every: int) -> tuple[list[str], list[str]]:
+    """CoNSeP source images (not patches) for training and held out."""
+    names = sorted(
+        {consep_image_of(name) for name, *_ in consep_patches(root)},
+        key=_natural_key,
+    )
+    return split_names(names, every)
+
+
+def read_training(config, preset) -> tuple[dict[str, list[LabelledImage]], dict]:
+    """The training images of a run (an `inference.train.TrainConfig`, a network `Preset`) per
+    dataset, GlaS at the region resolution and the nuclear datasets at the input's, and a
+    summary naming what was held out: the split of every training run."""
+    root = Path(config.data)
+    region_mpp = preset.mpp * preset.gland_scale
+    glas_names = [name for name, *_ in glas_pairs(root / "glas")]
+    glas_train, glas_val = split_names(glas_names, config.glas_val_every)
+    monuseg_names = [name for name, *_ in monuseg_pairs(root / "monuseg")]
+    missing = set(config.monuseg_held_out) - set(monuseg_names)
+    if missing:
+        raise ValueError(f"held-out MoNuSeg tiles not found: {sorted(missing)}")
+    monuseg_train = [n for n in monuseg_names if n not in config.monuseg_held_out]
+    consep_train, consep_val = consep_split(root / "consep", config.consep_val_every)
+    read = {
+        "glas": lambda: read_glas(root / "glas", region_mpp, set(glas_train)),
+        "monuseg": lambda: read_monuseg(root / "monuseg", preset.mpp, set(monuseg_train)),
+        "consep": lambda: read_consep(root / "consep", preset.mpp, set(consep_train)),
+    }
+    wanted = ["glas", *(name for name, weight in config.mix.items() if weight > 0)]
+    summary = {
+        "glas": {"train": glas_train, "held_out": glas_val, "mpp": region_mpp},
+        "monuseg": {"train": monuseg_train, "held_out": list(config.monuseg_held_out)},
+        "consep": {"train": consep_train, "held_out": consep_val},
+    }
+    return {source: read[source]() for source in wanted}, summary
+
+
 # --- helpers ----------------------------------------------------------------------------------
 
 

@@ -9,15 +9,13 @@ layouts, so that `spatialdb evaluate` scores them there as it does here. It is o
 (the MoNuSeg outlines' XML shrinks tenfold); `unpack` opens it into a folder that training takes
 as its `data`, and a pack made for other settings is refused.
 
-    python -m inference.pack --config configs/gpu.toml --out .gpu/pack.tar.xz
+    python -m inference.train --config configs/gpu.toml --pack .gpu/pack.tar.xz
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -120,12 +118,10 @@ def _copy_held_out(root: Path, summary: dict, out: Path) -> None:
 def write(config, preset, out: str | Path, log=print) -> Path:
     """Read the configuration's training data from `config.data` and write the pack to `out`
     (a `.tar.xz`), atomically."""
-    from inference.train import read_training  # the very reader training uses
-
     out = Path(out)
     if not out.name.endswith(".tar.xz"):
         raise PackError(f"{out}: a pack is a .tar.xz file")
-    items, summary = read_training(config, preset)
+    items, summary = datasets.read_training(config, preset)
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
         folder = Path(tmp) / "pack"
         (folder / "train").mkdir(parents=True)
@@ -177,7 +173,7 @@ def _decode(path: Path, colour: bool) -> np.ndarray:
 
 
 def read(folder: str | Path, config, preset) -> tuple[dict[str, list[LabelledImage]], dict]:
-    """The training images of an unpacked pack, as `inference.train.read_training` returns them;
+    """The training images of an unpacked pack, as `datasets.read_training` returns them;
     refused if the pack was made for other settings than `config` and `preset`."""
     folder = Path(folder)
     try:
@@ -211,25 +207,3 @@ def read(folder: str | Path, config, preset) -> tuple[dict[str, list[LabelledIma
         )
         items.setdefault(item.source, []).append(item)
     return items, manifest["summary"]
-
-
-def main(argv: list[str] | None = None) -> int:
-    from inference.network import PRESETS
-    from inference.train import TrainConfig
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="training configuration (TOML)")
-    parser.add_argument("--data", help="dataset folder (overrides the config)")
-    parser.add_argument("--out", required=True, help="the pack to write (.tar.xz)")
-    args = parser.parse_args(argv)
-    try:
-        config = TrainConfig.from_toml(args.config, data=args.data)
-        write(config, PRESETS[config.preset], args.out)
-    except (OSError, ValueError) as exc:
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -28,9 +28,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from skimage.color import hed2rgb, rgb2hed
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from inference import datasets, pack, weights
@@ -39,6 +41,7 @@ from inference.network import (
     LABELLED_GLAND_TYPES,
     NUCLEI_HV,
     PATCH_HEAD,
+    PRESETS,
     TISSUE_CLASSES,
     CerberusNet,
     Preset,
@@ -76,6 +79,9 @@ class TrainConfig:
     minutes: float = 0.0
     #: Threads drawing batches ahead of the network (0: drawn in turn, as on a CPU).
     loader_threads: int = 0
+    #: Augmentation beyond flips, rotations and colour jitter (`Augmentation`): scale, stain,
+    #: blur.
+    augment: dict[str, float] = field(default_factory=dict)
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup: int = 100
@@ -105,6 +111,11 @@ class TrainConfig:
     log_every: int = 20
 
     def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        unknown = set(self.augment) - {f.name for f in fields(Augmentation)}
+        if unknown:
+            raise ValueError(f"unknown augment settings {sorted(unknown)}")
         if self.minutes and self.warmup < FIT_STEPS[1]:
             raise ValueError(f"minutes needs a warm-up of at least {FIT_STEPS[1]} steps")
 
@@ -146,51 +157,13 @@ def prepare(item: LabelledImage, contour_um: dict[str, float], mpp: float) -> Pr
     )
 
 
-def consep_split(root: Path, every: int) -> tuple[list[str], list[str]]:
-    """CoNSeP source images (not patches) for training and held out."""
-    names = sorted(
-        {datasets.consep_image_of(name) for name, *_ in datasets.consep_patches(root)},
-        key=datasets._natural_key,
-    )
-    return datasets.split_names(names, every)
-
-
-def read_training(
-    config: TrainConfig, preset: Preset
-) -> tuple[dict[str, list[LabelledImage]], dict]:
-    """Training images per dataset from the dataset folders (GlaS at the region resolution, the
-    nuclear datasets at the input's), and a summary naming what was held out."""
-    root = Path(config.data)
-    region_mpp = preset.mpp * preset.gland_scale
-    glas_names = [name for name, *_ in datasets.glas_pairs(root / "glas")]
-    glas_train, glas_val = datasets.split_names(glas_names, config.glas_val_every)
-    monuseg_names = [name for name, *_ in datasets.monuseg_pairs(root / "monuseg")]
-    missing = set(config.monuseg_held_out) - set(monuseg_names)
-    if missing:
-        raise ValueError(f"held-out MoNuSeg tiles not found: {sorted(missing)}")
-    monuseg_train = [n for n in monuseg_names if n not in config.monuseg_held_out]
-    consep_train, consep_val = consep_split(root / "consep", config.consep_val_every)
-    read = {
-        "glas": lambda: datasets.read_glas(root / "glas", region_mpp, set(glas_train)),
-        "monuseg": lambda: datasets.read_monuseg(root / "monuseg", preset.mpp, set(monuseg_train)),
-        "consep": lambda: datasets.read_consep(root / "consep", preset.mpp, set(consep_train)),
-    }
-    wanted = ["glas", *(name for name, weight in config.mix.items() if weight > 0)]
-    summary = {
-        "glas": {"train": glas_train, "held_out": glas_val, "mpp": region_mpp},
-        "monuseg": {"train": monuseg_train, "held_out": list(config.monuseg_held_out)},
-        "consep": {"train": consep_train, "held_out": consep_val},
-    }
-    return {source: read[source]() for source in wanted}, summary
-
-
 def load_pools(config: TrainConfig, preset: Preset) -> tuple[dict[str, list[Prepared]], dict]:
     """Prepared training images per dataset, read from the dataset folders or, where
     `config.data` is an unpacked training pack (`inference.pack`), from the pack."""
     if pack.is_pack(config.data):
         items, summary = pack.read(config.data, config, preset)
     else:
-        items, summary = read_training(config, preset)
+        items, summary = datasets.read_training(config, preset)
     region_mpp = preset.mpp * preset.gland_scale
     pools = {
         source: [
@@ -202,12 +175,31 @@ def load_pools(config: TrainConfig, preset: Preset) -> tuple[dict[str, list[Prep
     return pools, summary
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """What a crop undergoes besides flips, right-angle rotations and per-channel colour gain
+    and bias (always on); each is off at 0."""
+
+    #: Crops of 1 ± this times the crop size resampled to it (objects larger and smaller).
+    scale: float = 0.0
+    #: Haematoxylin, eosin and DAB densities (colour deconvolution) each scaled by 1 ± this and
+    #: shifted by ± this × 0.02 (densities of H&E pixels reach about 0.1): other stainings.
+    stain: float = 0.0
+    #: Probability of a Gaussian blur of σ 0.5–1.5 px (focus).
+    blur: float = 0.0
+
+
 class TaskSampler:
     """Draws training samples: a dataset by the configured mix, an image by area, a random crop
-    with flips, right-angle rotations and colour jitter; with `hv`, nuclei's distance maps."""
+    augmented (`Augmentation`); with `hv`, nuclei's distance maps."""
 
     def __init__(
-        self, pools: dict[str, list[Prepared]], mix: dict[str, float], crop: int, hv=False
+        self,
+        pools: dict[str, list[Prepared]],
+        mix: dict[str, float],
+        crop: int,
+        hv=False,
+        augment: Augmentation = Augmentation(),
     ):
         self.pools = {name: pools[name] for name in mix if mix[name] > 0 and pools.get(name)}
         if not self.pools:
@@ -216,6 +208,7 @@ class TaskSampler:
         self.mix = weights_ / weights_.sum()
         self.crop = crop
         self.hv = hv
+        self.augment = augment
 
     def sample(self, rng: np.random.Generator) -> dict:
         source = list(self.pools)[rng.choice(len(self.pools), p=self.mix)]
@@ -223,17 +216,36 @@ class TaskSampler:
         areas = np.array([p.image.shape[0] * p.image.shape[1] for p in pool], dtype=float)
         item = pool[rng.choice(len(pool), p=areas / areas.sum())]
         h, w = item.image.shape[:2]
-        top = int(rng.integers(0, max(h - self.crop, 0) + 1))
-        left = int(rng.integers(0, max(w - self.crop, 0) + 1))
-        window = (slice(top, top + self.crop), slice(left, left + self.crop))
+        augment = self.augment
+        size = self.crop
+        if augment.scale:
+            size = round(self.crop * rng.uniform(1 - augment.scale, 1 + augment.scale))
+        top = int(rng.integers(0, max(h - size, 0) + 1))
+        left = int(rng.integers(0, max(w - size, 0) + 1))
+        window = (slice(top, top + size), slice(left, left + size))
         k, flip = int(rng.integers(4)), bool(rng.integers(2))
+        nearest = ((np.arange(self.crop) + 0.5) * size / self.crop).astype(int)
 
-        def view(array: np.ndarray) -> np.ndarray:
-            array = _pad_to(array[window], self.crop)
+        def view(array: np.ndarray, image: bool = False) -> np.ndarray:
+            array = _pad_to(array[window], size)
+            if size != self.crop:  # labels by nearest neighbour, the image bilinear
+                array = (
+                    cv2.resize(array, (self.crop, self.crop), interpolation=cv2.INTER_LINEAR)
+                    if image
+                    else array[nearest][:, nearest]
+                )
             array = np.rot90(array, k, axes=(0, 1))
             return np.ascontiguousarray(array[:, ::-1] if flip else array)
 
-        image = view(item.image).astype(np.float32)
+        image = view(item.image, image=True)
+        if augment.stain:
+            densities = rgb2hed(image)
+            scale = rng.uniform(1 - augment.stain, 1 + augment.stain, size=3)
+            shift = rng.uniform(-augment.stain, augment.stain, size=3) * 0.02
+            image = np.clip(hed2rgb(densities * scale + shift) * 255, 0, 255)
+        if augment.blur and rng.random() < augment.blur:
+            image = cv2.GaussianBlur(image.astype(np.float32), (0, 0), rng.uniform(0.5, 1.5))
+        image = image.astype(np.float32)
         gain = rng.uniform(0.9, 1.1, size=3).astype(np.float32)
         bias = rng.uniform(-12, 12, size=3).astype(np.float32)
         image = np.clip(image * gain + bias, 0, 255)
@@ -504,9 +516,12 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> Path:
     torch.manual_seed(config.seed + state["step"])
     if config.device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True  # crops of fixed sizes
+    augment = Augmentation(**config.augment)
     samplers = {
-        "region": TaskSampler(pools, {"glas": 1.0}, config.region_crop),
-        "nuclear": TaskSampler(pools, config.mix, config.crop, hv=net.preset.nucleus_hv),
+        "region": TaskSampler(pools, {"glas": 1.0}, config.region_crop, augment=augment),
+        "nuclear": TaskSampler(
+            pools, config.mix, config.crop, hv=net.preset.nucleus_hv, augment=augment
+        ),
     }
     train_mode(net, config.train_only)
     window = []
@@ -632,11 +647,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out")
     parser.add_argument("--device")
     parser.add_argument("--steps", type=int)
-    args = parser.parse_args(argv)
-    config = TrainConfig.from_toml(
-        args.config, data=args.data, out=args.out, device=args.device, steps=args.steps
+    parser.add_argument("--minutes", type=float)
+    parser.add_argument(
+        "--pack",
+        metavar="FILE",
+        help="write the run's training data as a pack (.tar.xz, inference.pack) instead of "
+        "training: for a machine that cannot see the datasets",
     )
-    train(config, resume=args.resume, log=lambda line: print(line, flush=True))
+    args = parser.parse_args(argv)
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    try:
+        config = TrainConfig.from_toml(
+            args.config,
+            data=args.data,
+            out=args.out,
+            device=args.device,
+            steps=args.steps,
+            minutes=args.minutes,
+        )
+        if args.pack:
+            pack.write(config, PRESETS[config.preset], args.pack, log)
+        else:
+            train(config, resume=args.resume, log=log)
+    except (OSError, ValueError) as exc:  # DatasetError and PackError are ValueErrors
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
     return 0
 
 

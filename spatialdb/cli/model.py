@@ -23,14 +23,33 @@ from spatialdb.errors import UserError
 @click.option("--out", help="Output directory (overrides the config).")
 @click.option("--device", help="cpu or cuda (overrides the config).")
 @click.option("--steps", type=int, help="Training steps (overrides the config).")
-def train(config_path, resume, data, out, device, steps) -> None:
+@click.option(
+    "--minutes",
+    type=float,
+    help="Fit the run into this many minutes, at most --steps (overrides the config).",
+)
+@click.option(
+    "--pack",
+    "pack_path",
+    type=click.Path(dir_okay=False),
+    help="Write the run's training data as one .tar.xz instead of training (for a machine that "
+    "cannot see the datasets; train there with --data on it unpacked).",
+)
+def train(config_path, resume, data, out, device, steps, minutes, pack_path) -> None:
     """Train the multi-task network; writes OUT/weights.pt."""
+    from inference import pack
     from inference.datasets import DatasetError
+    from inference.network import PRESETS
     from inference.train import TrainConfig
     from inference.train import train as run_training
 
     try:
-        config = TrainConfig.from_toml(config_path, data=data, out=out, device=device, steps=steps)
+        config = TrainConfig.from_toml(
+            config_path, data=data, out=out, device=device, steps=steps, minutes=minutes
+        )
+        if pack_path:
+            pack.write(config, PRESETS[config.preset], pack_path, log=click.echo)
+            return
         run_training(config, resume=resume, log=lambda line: click.echo(line))
     except (OSError, ValueError, DatasetError) as exc:
         raise UserError(str(exc).splitlines()[0]) from None

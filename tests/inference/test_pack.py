@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 
 from inference import pack
+from inference.datasets import read_training
 from inference.evaluate import detect_layout
 from inference.network import PRESETS
-from inference.train import TrainConfig, load_pools, read_training
+from inference.train import TrainConfig, load_pools
+from inference.train import main as train_main
+from spatialdb.cli.main import main as spatialdb_main
 from tests.fixture_datasets import write_all
 
 
@@ -54,8 +57,8 @@ def test_a_pack_holds_the_training_images_exactly_as_training_reads_them(data, u
     # training takes the unpacked folder as its data
     from_pack, _ = load_pools(config_of(unpacked), preset)
     from_data, _ = load_pools(config, preset)
-    nuclei = [p.targets["Nuclei"][0] for p in from_pack["consep"]]
-    assert all(np.array_equal(a, b.targets["Nuclei"][0]) for a, b in zip(nuclei, from_data["consep"]))
+    for a, b in zip(from_pack["consep"], from_data["consep"], strict=True):
+        assert np.array_equal(a.targets["Nuclei"][0], b.targets["Nuclei"][0])
 
 
 def test_the_held_out_images_travel_as_their_own_files_in_their_layouts(data, unpacked):
@@ -76,9 +79,9 @@ def test_the_held_out_images_travel_as_their_own_files_in_their_layouts(data, un
 
 
 def test_a_pack_made_for_other_settings_is_refused(data, unpacked):
-    with pytest.raises(pack.PackError, match="other settings .*glas_val_every"):
+    with pytest.raises(pack.PackError, match=r"other settings .*glas_val_every"):
         pack.read(unpacked, config_of(data, glas_val_every=4), PRESETS["cpu-multiscale"])
-    with pytest.raises(pack.PackError, match="other settings .*sources"):
+    with pytest.raises(pack.PackError, match=r"other settings .*sources"):
         pack.read(unpacked, config_of(data, mix={"consep": 1.0}), PRESETS["cpu-multiscale"])
 
 
@@ -90,10 +93,10 @@ def test_bad_archives_and_names_are_refused_without_leaving_files(data, tmp_path
     empty = tmp_path / "empty.tar.xz"
     with tarfile.open(empty, "w:xz") as archive:
         archive.add(data / "glas" / "Grade.csv", arcname="pack/Grade.csv")
-    with pytest.raises(pack.PackError, match="no pack.json"):
+    with pytest.raises(pack.PackError, match=r"no pack\.json"):
         pack.unpack(empty, tmp_path / "b")
     config = config_of(data)
-    with pytest.raises(pack.PackError, match="is a .tar.xz"):
+    with pytest.raises(pack.PackError, match=r"is a \.tar\.xz"):
         pack.write(config, PRESETS[config.preset], tmp_path / "pack.zip")
     missing = config_of(tmp_path / "nowhere")
     out = tmp_path / "out"
@@ -106,6 +109,21 @@ def test_bad_archives_and_names_are_refused_without_leaving_files(data, tmp_path
 def test_the_pack_command_writes_one_line_on_bad_input(tmp_path, capsys):
     config = tmp_path / "run.toml"
     config.write_text(f'data = "{tmp_path / "nowhere"}"\n')
-    assert pack.main(["--config", str(config), "--out", str(tmp_path / "p.tar.xz")]) == 1
+    out = tmp_path / "p.tar.xz"
+    assert train_main(["--config", str(config), "--pack", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no GlaS images" in err and err.count("\n") == 1
+    assert not out.exists()
+    config.write_text('preset = "no-such"\n')
+    assert train_main(["--config", str(config), "--pack", str(out)]) == 1
+    assert "unknown preset 'no-such'" in capsys.readouterr().err
+
+
+def test_spatialdb_train_writes_a_pack_that_training_reads(data, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text(f'data = "{data}"\nmonuseg_held_out = ["tile-b"]\n')
+    out = tmp_path / "p.tar.xz"
+    assert spatialdb_main(["train", "--config", str(config), "--pack", str(out)]) == 0
+    opened = pack.unpack(out, tmp_path / "opened")
+    items, summary = pack.read(opened, config_of(data), PRESETS["cpu-multiscale"])
+    assert summary["monuseg"]["train"] == ["tile-a"] and len(items["glas"]) == 4

@@ -5,11 +5,13 @@ generated data writes loadable weights and resumes."""
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from inference import weights
 from inference.network import PRESETS, build
 from inference.targets import hv_maps
 from inference.train import (
+    Augmentation,
     TaskSampler,
     TrainConfig,
     _fit_schedule,
@@ -162,6 +164,41 @@ def test_batches_drawn_ahead_on_threads_are_the_batches_of_their_steps(tmp_path)
             assert torch.equal(got[name]["image"], expected[name]["image"])
             assert torch.equal(got[name]["Gland"][0], expected[name]["Gland"][0])
     assert not torch.equal(drawn[0]["nuclear"]["image"], drawn[1]["nuclear"]["image"])
+
+
+def nucleus_size(classes: np.ndarray) -> float:
+    """Median area in px of the nuclei's inner parts in a class map."""
+    labels, count = ndimage.label(classes == 1)
+    return float(np.median(np.bincount(labels.ravel())[1:])) if count else 0.0
+
+
+def test_augmented_crops_keep_their_labels_on_their_nuclei(tmp_path):
+    """Scale, stain and blur augmentation: the nuclei of the generated tiles (dark on pink) stay
+    under their labels whatever the draw, their size varies with the scale drawn, and the
+    colours move."""
+    config = TrainConfig(data=str(write_all(tmp_path / "data")), monuseg_held_out=["tile-b"])
+    pools, _ = load_pools(config, PRESETS["cpu-multiscale"])
+    plain = TaskSampler(pools, {"monuseg": 1.0}, 96)
+    augment = Augmentation(scale=0.3, stain=0.3, blur=0.5)
+    varied = TaskSampler(pools, {"monuseg": 1.0}, 96, augment=augment)
+    sizes, colours = [], []
+    for seed in range(24):
+        sample = varied.sample(np.random.default_rng(seed))
+        image = sample["image"].transpose(1, 2, 0)
+        classes = sample["targets"]["Nuclei"][0]
+        assert image.shape == (96, 96, 3) and classes.shape == (96, 96)
+        dark = image.sum(axis=2) < 400  # nuclei ~200, stroma ~595 before jitter
+        assert dark[classes == 1].mean() > 0.9 and (~dark[classes == 0]).mean() > 0.9
+        sizes.append(nucleus_size(classes))
+        colours.append(image[classes == 0].mean(axis=0))
+    plain_sizes = [
+        nucleus_size(plain.sample(np.random.default_rng(seed))["targets"]["Nuclei"][0])
+        for seed in range(24)
+    ]
+    assert np.ptp(sizes) > 2 * np.ptp(plain_sizes)  # the scale drawn changes nuclei's size
+    assert np.ptp(np.array(colours), axis=0).max() > 30
+    with pytest.raises(ValueError, match="unknown augment settings"):
+        TrainConfig(augment={"rotate": 0.1})
 
 
 def test_a_schedule_in_minutes_is_fitted_to_the_pace_of_its_first_steps():
