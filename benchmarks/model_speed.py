@@ -1,5 +1,5 @@
-"""Model speed: the CPU presets (the default `cpu-multiscale-hv`, the previous default
-`cpu-multiscale` and the first `cpu`) against the published Cerberus tiling, in the same run.
+"""Model speed: the CPU presets (the first `cpu`, the default `cpu-multiscale` and its
+distance-map variant `cpu-multiscale-hv`) against the published Cerberus tiling, in the same run.
 
 For each preset: patches/s, µs per kept output pixel, time and FLOPs per mm² of tissue (kept
 output area at the preset's resolution), and peak memory (each preset runs in its own process, so
