@@ -122,7 +122,8 @@ def write(config, preset, out: str | Path, log=print) -> Path:
     if not out.name.endswith(".tar.xz"):
         raise PackError(f"{out}: a pack is a .tar.xz file")
     items, summary = datasets.read_training(config, preset)
-    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         folder = Path(tmp) / "pack"
         (folder / "train").mkdir(parents=True)
         entries = []
@@ -137,11 +138,10 @@ def write(config, preset, out: str | Path, log=print) -> Path:
             "items": entries,
         }
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        partial = out.with_name(out.name + ".partial")
-        with tarfile.open(partial, "w:xz", preset=6) as archive:
-            archive.add(folder, arcname="pack")
-        partial.replace(out)
+        archive = Path(tmp) / out.name
+        with tarfile.open(archive, "w:xz", preset=6) as tar:
+            tar.add(folder, arcname="pack")
+        archive.replace(out)
     log(f"pack written to {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     return out
 
