@@ -363,6 +363,11 @@ def consep_split(root: Path, every: int) -> tuple[list[str], list[str]]:
     return split_names(names, every)
 
 
+def training_sources(config) -> list[str]:
+    """The datasets a run trains on: GlaS, and the nuclear datasets its mix draws from."""
+    return ["glas", *(name for name, weight in config.mix.items() if weight > 0)]
+
+
 def read_training(config, preset) -> tuple[dict[str, list[LabelledImage]], dict]:
     """The training images of a run (an `inference.train.TrainConfig`, a network `Preset`) per
     dataset, GlaS at the region resolution and the nuclear datasets at the input's, and a
@@ -382,13 +387,12 @@ def read_training(config, preset) -> tuple[dict[str, list[LabelledImage]], dict]
         "monuseg": lambda: read_monuseg(root / "monuseg", preset.mpp, set(monuseg_train)),
         "consep": lambda: read_consep(root / "consep", preset.mpp, set(consep_train)),
     }
-    wanted = ["glas", *(name for name, weight in config.mix.items() if weight > 0)]
     summary = {
         "glas": {"train": glas_train, "held_out": glas_val, "mpp": region_mpp},
         "monuseg": {"train": monuseg_train, "held_out": list(config.monuseg_held_out)},
         "consep": {"train": consep_train, "held_out": consep_val},
     }
-    return {source: read[source]() for source in wanted}, summary
+    return {source: read[source]() for source in training_sources(config)}, summary
 
 
 # --- helpers ----------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def settings(config, preset) -> dict:
         "glas_val_every": config.glas_val_every,
         "consep_val_every": config.consep_val_every,
         "monuseg_held_out": sorted(config.monuseg_held_out),
-        "sources": sorted(["glas", *(name for name, w in config.mix.items() if w > 0)]),
+        "sources": sorted(datasets.training_sources(config)),
     }
 
 

@@ -526,8 +526,8 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> Path:
     train_mode(net, config.train_only)
     window = []
     steps = iter(batches(samplers, config, state["step"]))
-    while state["step"] < state.get("total", config.steps):
-        total = state.get("total", config.steps)
+    total = state.get("total", config.steps)
+    while state["step"] < total:
         tick = time.time()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(state["step"], total, config.lr, config.warmup)
@@ -542,8 +542,9 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> Path:
         state["seconds"] += time.time() - tick
         if config.minutes and "total" not in state:
             _fit_schedule(state, config, log)
+            total = state.get("total", total)
         window.append({k: float(v.detach()) for k, v in losses.items()})
-        last = state["step"] == state.get("total", config.steps)
+        last = state["step"] == total
         if state["step"] % config.log_every == 0 or last:
             means = {
                 k: float(np.mean([w[k] for w in window if k in w]))
@@ -551,7 +552,7 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> Path:
             }
             state["history"].append({"step": state["step"], **means})
             log(
-                f"step {state['step']}/{state.get('total', config.steps)} "
+                f"step {state['step']}/{total} "
                 + " ".join(f"{k}={v:.3f}" for k, v in sorted(means.items()))
                 + f" ({(time.time() - tick):.2f} s/step, {state['seconds'] / 60:.1f} min)"
             )
@@ -598,6 +599,14 @@ def _fit_schedule(state: dict, config: TrainConfig, log=print) -> None:
         left = config.minutes * 60 - state["seconds"]
         state["total"] = max(last, min(config.steps, last + int(left / pace)))
         log(f"{pace * 1000:.0f} ms/step: {state['total']} steps fill {config.minutes:g} min")
+
+
+def run(config: TrainConfig, resume: bool = False, pack_to: str | None = None, log=print) -> Path:
+    """Train (`train`), or with `pack_to` write the run's training data there as a pack
+    (`inference.pack`) for a machine that cannot see the datasets; returns the file written."""
+    if pack_to:
+        return pack.write(config, PRESETS[config.preset], pack_to, log)
+    return train(config, resume=resume, log=log)
 
 
 def untrained_classes(preset: Preset) -> dict[str, list[str]]:
@@ -655,7 +664,6 @@ def main(argv: list[str] | None = None) -> int:
         "training: for a machine that cannot see the datasets",
     )
     args = parser.parse_args(argv)
-    log = lambda line: print(line, flush=True)  # noqa: E731
     try:
         config = TrainConfig.from_toml(
             args.config,
@@ -665,10 +673,7 @@ def main(argv: list[str] | None = None) -> int:
             steps=args.steps,
             minutes=args.minutes,
         )
-        if args.pack:
-            pack.write(config, PRESETS[config.preset], args.pack, log)
-        else:
-            train(config, resume=args.resume, log=log)
+        run(config, args.resume, args.pack, log=lambda line: print(line, flush=True))
     except (OSError, ValueError) as exc:  # DatasetError and PackError are ValueErrors
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 1

@@ -37,20 +37,14 @@ from spatialdb.errors import UserError
 )
 def train(config_path, resume, data, out, device, steps, minutes, pack_path) -> None:
     """Train the multi-task network; writes OUT/weights.pt."""
-    from inference import pack
     from inference.datasets import DatasetError
-    from inference.network import PRESETS
-    from inference.train import TrainConfig
-    from inference.train import train as run_training
+    from inference.train import TrainConfig, run
 
     try:
         config = TrainConfig.from_toml(
             config_path, data=data, out=out, device=device, steps=steps, minutes=minutes
         )
-        if pack_path:
-            pack.write(config, PRESETS[config.preset], pack_path, log=click.echo)
-            return
-        run_training(config, resume=resume, log=lambda line: click.echo(line))
+        run(config, resume=resume, pack_to=pack_path, log=lambda line: click.echo(line))
     except (OSError, ValueError, DatasetError) as exc:
         raise UserError(str(exc).splitlines()[0]) from None
 
