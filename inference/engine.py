@@ -151,7 +151,8 @@ def segment_slide(
         (preset.input_size - preset.output_size) // 2,
         tissue.mask,
     )
-    plan = tiling.regions(grid, region_tiles)
+    size, margin = tiling.region_shape(grid.tile, preset.mpp)
+    plan = tiling.regions(grid, region_tiles or size, margin)
     sched = tiling.schedule(grid, plan)
     fields = {
         "settings": {**POSTPROCESS, **info.postprocess},

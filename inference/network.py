@@ -11,10 +11,14 @@ Two options of a preset go beyond the published design. `gland_scale` runs the r
 same encoder: at 1 µm/px the network sees twice the tissue per pixel of receptive field, enough
 for the largest malignant glands. `fine_stage` adds a last decoder stage at the input's own
 resolution to the nuclear decoders (a strided stem otherwise ends them at half of it), fed by a
-shallow full-resolution convolution of the input as its skip. `nucleus_hv` gives the nuclear
-decoder a second output, HoVer-Net's horizontal and vertical distance maps (Graham et al., Medical
-Image Analysis 2019: each nucleus pixel's offset from its nucleus's centre, scaled to [-1, 1]
-within the nucleus), whose steep changes separate touching nuclei.
+shallow full-resolution convolution of the input as its skip. `nucleus_scale` runs the nuclear
+tasks on the input downsampled by that factor too (2: a 0.25 µm/px input that the encoder reads
+at 0.5 µm/px, as it was trained), their decoders gaining one more stage, back at the input's own
+resolution, with a shallow convolution of the input as its skip: nuclear outlines at 0.25 µm/px
+(40x), where CoNSeP and MoNuSeg were drawn. `nucleus_hv` gives the nuclear decoder a second
+output, HoVer-Net's horizontal and vertical distance maps (Graham et al., Medical Image Analysis
+2019: each nucleus pixel's offset from its nucleus's centre, scaled to [-1, 1] within the
+nucleus), whose steep changes separate touching nuclei.
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ class Preset:
     mpp: float = 0.5
     gland_scale: int = 1  # region tasks run on the input downsampled by this factor
     fine_stage: bool = False  # nuclear decoders end at the input's resolution
+    nucleus_scale: int = 1  # nuclear tasks encode the input downsampled by this factor (1 or 2)
     nucleus_hv: bool = False  # the nuclear decoder also predicts HoVer-Net distance maps
     nucleus_types: tuple[str, ...] = NUCLEUS_TYPES
     gland_types: tuple[str, ...] = GLAND_TYPES
@@ -145,6 +150,17 @@ PRESETS = {
         gland_types=LABELLED_GLAND_TYPES,
     ),
 }
+# The same network read at 0.25 µm/px (40x): the encoder sees the input at 0.5 µm/px for nuclei
+# and 1 µm/px for regions as in cpu-multiscale, and the nuclear decoders add a stage at 0.25 µm/px.
+PRESETS["cpu-multiscale-40x"] = replace(
+    PRESETS["cpu-multiscale"],
+    name="cpu-multiscale-40x",
+    mpp=0.25,
+    input_size=2048,
+    output_size=1536,
+    gland_scale=4,
+    nucleus_scale=2,
+)
 # The same with HoVer-Net distance maps beside the nuclear inner/contour classes.
 PRESETS["cpu-multiscale-hv"] = replace(
     PRESETS["cpu-multiscale"], name="cpu-multiscale-hv", nucleus_hv=True
@@ -232,9 +248,9 @@ class OutputHead(nn.Module):
         return self.x(x)
 
 
-def _decoder(f: tuple[int, ...], fine: bool) -> nn.ModuleList:
-    """Four upsampling stages from the bottleneck back to the stem's resolution, and with `fine`
-    a fifth to the input's."""
+def _decoder(f: tuple[int, ...], fine: int) -> nn.ModuleList:
+    """Four upsampling stages from the bottleneck back to the stem's resolution, and `fine` more
+    at twice the resolution each (the first at the encoder's input)."""
     stages = [
         ConvBlock(f[-2], [f[-2], f[-3]], 3),
         ConvBlock(f[-3], [f[-3], f[-4]], 3),
@@ -243,7 +259,18 @@ def _decoder(f: tuple[int, ...], fine: bool) -> nn.ModuleList:
     ]
     if fine:
         stages.append(ConvBlock(f[-5], [FINE_CHANNELS], 3))
+    for _ in range(fine - 1):
+        stages.append(_identity_start(ConvBlock(FINE_CHANNELS, [FINE_CHANNELS], 3)))
     return nn.ModuleList(stages)
+
+
+def _identity_start(block: ConvBlock) -> ConvBlock:
+    """A stage added after a trained one starts by passing its upsampled features on unchanged
+    (a Dirac kernel; the features are ReLU outputs, so the block's ReLU keeps them)."""
+    for layer in block.block:
+        nn.init.dirac_(layer.conv.weight)
+        nn.init.zeros_(layer.conv.bias)
+    return block
 
 
 class CerberusNet(nn.Module):
@@ -256,12 +283,16 @@ class CerberusNet(nn.Module):
         f = preset.widths
         self.backbone = Encoder(preset)
         self.conv_map = nn.Conv2d(f[-1], f[-2], 1, bias=False)
-        fine = preset.fine_stage
+        if preset.nucleus_scale not in (1, 2) or (preset.nucleus_scale > 1 > preset.fine_stage):
+            raise ValueError("nucleus_scale 2 needs fine_stage; only 1 and 2 are built")
+        fine = preset.fine_stage * preset.nucleus_scale  # stages past the stem: 0, 1 or 2
 
         def has_fine_stage(name: str) -> bool:
-            return fine and name not in REGION_DECODERS
+            return fine > 0 and name not in REGION_DECODERS
 
-        heads: dict[str, nn.Module] = {name: _decoder(f, has_fine_stage(name)) for name in DECODERS}
+        heads: dict[str, nn.Module] = {
+            name: _decoder(f, fine if has_fine_stage(name) else 0) for name in DECODERS
+        }
         heads[PATCH_HEAD] = nn.Sequential(
             OrderedDict(
                 bn1=nn.BatchNorm2d(f[-1], eps=1e-5),
@@ -289,16 +320,25 @@ class CerberusNet(nn.Module):
             self.output_head["Nuclei"]["HV"] = output("Nuclei", 2)
         if fine:
             self.fine_skip = ConvLayer(3, f[0], 3)
+        if fine > 1:  # starts at zero: the new stage first sees only the features below it
+            self.finer_skip = ConvLayer(3, FINE_CHANNELS, 3)
+            nn.init.zeros_(self.finer_skip.conv.weight)
+            nn.init.zeros_(self.finer_skip.conv.bias)
 
     def forward(self, images: torch.Tensor, tasks: tuple[str, ...] | None = None) -> dict:
         """Every requested head for images at `preset.mpp`; region tasks go through the
-        downsampled branch when the preset has one, their logits brought back to input size."""
+        downsampled branch when the preset has one, nuclear ones through theirs, their logits at
+        input size."""
         scale = self.preset.gland_scale
         wanted = set(DECODERS) | {PATCH_HEAD} if tasks is None else set(tasks)
         region = wanted & {*REGION_DECODERS, PATCH_HEAD}
         if scale == 1 or not region:
-            return self.decode(images, tasks)
-        out = self.decode(images, tuple(wanted - region)) if wanted - region else {}
+            return self.decode(images, tasks, self.preset.nucleus_scale)
+        out = (
+            self.decode(images, tuple(wanted - region), self.preset.nucleus_scale)
+            if wanted - region
+            else {}
+        )
         coarse = self.decode(F.avg_pool2d(images, scale), tuple(region))
         for name, logits in coarse.items():
             if logits.ndim == 4:
@@ -319,14 +359,20 @@ class CerberusNet(nn.Module):
         names += [name for name in (PATCH_HEAD, BOTTLENECK) if name in tasks]
         return sorted(names)
 
-    def decode(self, images: torch.Tensor, tasks: tuple[str, ...] | None = None) -> dict:
-        """The requested heads from one pass of the encoder over `images` as they are (training
-        feeds the region tasks images already at their resolution)."""
+    def decode(
+        self, images: torch.Tensor, tasks: tuple[str, ...] | None = None, pool: int = 1
+    ) -> dict:
+        """The requested heads from one pass of the encoder over `images` pooled `pool` times
+        (training feeds the region tasks images already at their resolution, the nuclear ones
+        at the input's with `pool` = `preset.nucleus_scale`); logits at the images' size."""
         size = images.shape[-2:]
-        feats = self.backbone(images / 255.0)
+        encoded = F.avg_pool2d(images, pool) if pool > 1 else images
+        feats = self.backbone(encoded / 255.0)
         bottom = self.conv_map(feats[-1])
         skips = feats[-2::-1]  # the four encoder maps a decoder adds, coarsest first
-        fine_skip = None
+        # Past the encoder's maps: the encoder's input, then (with pool 2) the images themselves.
+        fine_inputs = [("fine_skip", encoded), ("finer_skip", images)]
+        fine_skips: dict[int, torch.Tensor] = {}
         out = {}
         for name, blocks in self.decoder_head.items():
             if name == PATCH_HEAD or (tasks is not None and name not in tasks):
@@ -337,9 +383,11 @@ class CerberusNet(nn.Module):
                 if i < len(skips):
                     x = block(skips[i] + x)
                     continue
-                if fine_skip is None:
-                    fine_skip = self.fine_skip(images / 255.0)
-                x = block(fine_skip + x)
+                j = i - len(skips)
+                if j not in fine_skips:
+                    module, source = fine_inputs[j]
+                    fine_skips[j] = getattr(self, module)(source / 255.0)
+                x = block(fine_skips[j] + x)
             for head, module in self.output_head[name].items():
                 logits = module(x)
                 if logits.shape[-2:] != size:  # strided stems decode below input resolution

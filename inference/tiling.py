@@ -2,11 +2,11 @@
 
 The network's kept outputs tile the slide on a grid (`Grid`, at the model's resolution). The grid
 is cut into square *regions* of about `REGION_PX` per side (whole tiles). Each region is
-post-processed on a window that adds about `GLAND_MARGIN_PX` of neighbouring output on every side
-(`NUCLEI_MARGIN_PX` for nuclei), and keeps only the objects whose centroid lies in its own core.
-Cores partition the slide, so every object comes out exactly once, and whole as long as it
-reaches no further than the margin beyond its core (768 px, 384 µm at 0.5 µm/px; larger glands
-that touch the window edge are counted as `truncated`).
+post-processed on a window that adds at least `GLAND_MARGIN_UM` of neighbouring output on every
+side (`NUCLEI_MARGIN_UM` for nuclei), and keeps only the objects whose centroid lies in its own
+core. Cores partition the slide, so every object comes out exactly once, and whole as long as it
+reaches no further than the margin beyond its core (larger glands that touch the window edge are
+counted as `truncated`).
 
 Regions are visited in vertical bands `BAND_REGIONS` regions wide, row by row within a band, and
 tiles are inferred in the order the regions need them, so that only the tiles still needed by a
@@ -19,6 +19,7 @@ with the slide's width or height.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import dataclass, field
 
@@ -57,10 +58,10 @@ PROBABILITY_CHANNELS = 4
 HV_CHANNELS = slice(CHANNELS.index("nuclei_h"), CHANNELS.index("nuclei_v") + 1)
 RGB_CHANNELS = slice(CHANNELS.index("red"), CHANNELS.index("blue") + 1)
 REGION_PX = 3072
-GLAND_MARGIN_PX = 768
+GLAND_MARGIN_UM = 384.0
 #: Regions per band (2 regions of 3,072 px: 3 mm of tissue at 0.5 µm/px).
 BAND_REGIONS = 2
-NUCLEI_MARGIN_PX = 64
+NUCLEI_MARGIN_UM = 32.0
 
 
 @dataclass
@@ -128,21 +129,17 @@ class Region:
     window: tuple[int, int, int, int]
 
 
-def region_shape(tile: int) -> tuple[int, int]:
-    """Core side and margin of regions, in tiles of `tile` px: `REGION_PX` and `GLAND_MARGIN_PX`
-    whatever the tile size (4 and 2 tiles of 384 px, 2 and 1 of 768 px)."""
-    return max(1, round(REGION_PX / tile)), max(1, -(-GLAND_MARGIN_PX // tile))
+def region_shape(tile: int, mpp: float) -> tuple[int, int]:
+    """Core side and margin of regions, in tiles of `tile` px at `mpp` µm/px: `REGION_PX` and at
+    least `GLAND_MARGIN_UM` whatever the tile size (8 and 2 tiles of 384 px at 0.5 µm/px, 4 and 1
+    of 768 px; 2 and 1 of 1,536 px at 0.25 µm/px)."""
+    return max(1, round(REGION_PX / tile)), max(1, math.ceil(GLAND_MARGIN_UM / mpp / tile))
 
 
-def regions(
-    grid: Grid, size: int | None = None, margin: int | None = None, band: int = BAND_REGIONS
-):
+def regions(grid: Grid, size: int, margin: int, band: int = BAND_REGIONS):
     """Regions with tissue in their core, band by band (`band` regions wide), row by row within
-    a band (`size` and `margin` in tiles, default `region_shape`). A slide that fits in one window
-    is one region: windows around smaller cores would only repeat its post-processing."""
-    default_size, default_margin = region_shape(grid.tile)
-    size = size or default_size
-    margin = default_margin if margin is None else margin
+    a band (`size` and `margin` in tiles, as `region_shape` gives them). A slide that fits in one
+    window is one region: windows around smaller cores would only repeat its post-processing."""
     if grid.rows <= size + 2 * margin and grid.cols <= size + 2 * margin:
         size = max(grid.rows, grid.cols)
     out = []
@@ -297,7 +294,7 @@ def assemble(grid: Grid, region: Region, tiles: dict) -> tuple[np.ndarray, tuple
 class RegionJob:
     """Everything a worker process needs to post-process one region: the `REGION_CHANNELS` of
     its whole window, and all `CHANNELS` of the part where nuclei are sought (its core plus
-    `NUCLEI_MARGIN_PX`), so that no more than that travels to the worker."""
+    `NUCLEI_MARGIN_UM`), so that no more than that travels to the worker."""
 
     window: np.ndarray  # (3, H, W) REGION_CHANNELS
     origin: tuple[int, int]
@@ -318,9 +315,9 @@ def region_job(grid: Grid, region: Region, tiles: dict, **fields) -> RegionJob:
     r0, r1, c0, c1 = region.core
     t = grid.tile
     y0, y1, x0, x1 = core = (r0 * t, min(r1 * t, grid.shape[0]), c0 * t, min(c1 * t, grid.shape[1]))
-    ny0, nx0 = max(y0 - NUCLEI_MARGIN_PX, oy), max(x0 - NUCLEI_MARGIN_PX, ox)
-    ny1 = min(y1 + NUCLEI_MARGIN_PX, oy + window.shape[1])
-    nx1 = min(x1 + NUCLEI_MARGIN_PX, ox + window.shape[2])
+    m = round(NUCLEI_MARGIN_UM / fields["mpp"])
+    ny0, nx0 = max(y0 - m, oy), max(x0 - m, ox)
+    ny1, nx1 = min(y1 + m, oy + window.shape[1]), min(x1 + m, ox + window.shape[2])
     nuclear = window[:, ny0 - oy : ny1 - oy, nx0 - ox : nx1 - ox].copy()
     regions_ = window[list(REGION_CHANNELS)]
     return RegionJob(

@@ -432,12 +432,14 @@ def step_losses(net: CerberusNet, step: dict, config: TrainConfig) -> dict[str, 
     """One step's losses: the region batch through the region tasks, the nuclear batch through
     the nuclear ones, each at its own resolution."""
     losses = {}
-    for tasks, name in ((REGION_TASKS, "region"), (NUCLEAR_TASKS, "nuclear")):
+    passes = ((REGION_TASKS, "region", 1), (NUCLEAR_TASKS, "nuclear", net.preset.nucleus_scale))
+    for tasks, name, pool in passes:
         if name not in step:
             continue
         batch = step[name]
         with autocast(config.device, enabled=config.bf16 and use_bf16(config.device)):
-            out = net.decode(batch["image"].to(config.device, non_blocking=True), tasks=tasks)
+            image = batch["image"].to(config.device, non_blocking=True)
+            out = net.decode(image, tasks=tasks, pool=pool)
         losses.update(batch_losses(out, batch, config))
     return losses
 

@@ -85,7 +85,7 @@ def test_small_regions_find_the_same_objects_as_one_region(model, tmp_path):
         objects = segment_slide(reader, model, mask, workers=0, region_tiles=region_tiles)
         return [g for o in objects if o.task == "Nuclei" for g in o.geoms]
 
-    assert len(tiling.regions(grid_of(reader, mask), 1)) > 1  # the cut is real
+    assert len(tiling.regions(grid_of(reader, mask), 1, 2)) > 1  # the cut is real
     whole, cut = nuclei(8), nuclei(1)
     assert len(whole) > 50
     assert abs(len(cut) - len(whole)) <= 0.02 * len(whole)

@@ -96,3 +96,27 @@ def test_multiscale_region_heads_see_the_input_at_half_resolution():
     torch.testing.assert_close(out["Nuclei-INST"], fine["Nuclei-INST"])
     assert net.decoder_head["Nuclei"][-1] is not None and len(net.decoder_head["Nuclei"]) == 5
     assert len(net.decoder_head["Gland"]) == 4  # no full-resolution stage for regions
+
+
+def test_40x_nuclei_end_at_the_input_from_an_encoder_at_half_of_it():
+    """`cpu-multiscale-40x` reads 0.25 µm/px: nuclei are decoded from the input pooled 2x (the
+    encoder's 0.5 µm/px) up to the input itself, regions from the input pooled 4x; the nuclear
+    decoders' stage at the input's resolution starts by passing its features on unchanged."""
+    net = build("cpu-multiscale-40x").eval()
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (1, 3, 256, 256)).float()
+    with torch.no_grad():
+        out = net(images, tasks=("Gland", "Nuclei"))
+        nuclear = net.decode(images, tasks=("Nuclei",), pool=2)
+        coarse = net.decode(torch.nn.functional.avg_pool2d(images, 4), tasks=("Gland",))
+        features = torch.rand(1, 16, 32, 32)
+        passed = net.decoder_head["Nuclei"][-1](features)
+        skip = net.finer_skip(images / 255)
+    assert out["Nuclei-INST"].shape[-1] == 256 and coarse["Gland-INST"].shape[-1] == 64
+    torch.testing.assert_close(out["Nuclei-INST"], nuclear["Nuclei-INST"])
+    assert len(net.decoder_head["Nuclei"]) == 6 and len(net.decoder_head["Gland"]) == 4
+    torch.testing.assert_close(passed, features)
+    assert torch.all(skip == 0)
+    own = build("cpu-multiscale").state_dict()
+    new = {k for k in net.state_dict() if k not in own}
+    assert new and all(k.startswith(("decoder_head.Nuclei", "finer_skip")) for k in new)

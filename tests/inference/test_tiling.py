@@ -197,5 +197,6 @@ def test_mask_polygons_outline_the_mask(holes):
 
 
 def test_regions_cover_the_same_pixels_whatever_the_tile_size():
-    assert tiling.region_shape(384) == (8, 2)
-    assert tiling.region_shape(768) == (4, 1)
+    assert tiling.region_shape(384, 0.5) == (8, 2)
+    assert tiling.region_shape(768, 0.5) == (4, 1)
+    assert tiling.region_shape(1536, 0.25) == (2, 1)  # the margin is the same tissue at 40x
