@@ -98,3 +98,36 @@ def test_small_regions_find_the_same_objects_as_one_region(model, tmp_path):
         )
         matched += best > 0.9
     assert matched >= 0.97 * len(cut)
+
+
+def test_40x_weights_find_the_default_weights_nuclei_on_a_20x_slide(model, tmp_path):
+    """The 40x weights run through the same engine on a 0.5 µm/px slide (read at 0.25 µm/px):
+    their nuclei come back in level-0 pixels, where the default weights find them."""
+    from shapely import STRtree
+
+    from inference.slide import open_slide, tissue_mask
+    from tests.slides import tissue_image, write_pyramid
+
+    net, info = weights.load(weights.DEFAULT_WEIGHTS.with_name("cerberus-cpu-multiscale-40x.pt"))
+    fine = CerberusModel(net, info)
+    reader = open_slide(write_pyramid(tmp_path / "s.tiff", tissue_image(1000, 1000, 5), 0.5))
+    mask = tissue_mask(reader)
+
+    def nuclei(m):
+        objects = segment_slide(reader, m, mask, workers=0)
+        return [g for o in objects if o.task == "Nuclei" for g in o.geoms]
+
+    default, found = nuclei(model), nuclei(fine)
+    assert len(default) > 100
+    assert 0.8 * len(default) <= len(found) <= 1.2 * len(default)
+    assert all(0 <= v <= 1000 for g in found for v in g.bounds)
+    tree = STRtree(found)
+    matched = sum(
+        max(
+            (g.intersection(found[i]).area / g.union(found[i]).area for i in tree.query(g)),
+            default=0,
+        )
+        > 0.5
+        for g in default
+    )
+    assert matched >= 0.9 * len(default)

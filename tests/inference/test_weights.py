@@ -91,3 +91,21 @@ def test_a_preset_with_its_own_classes_round_trips_them(tmp_path):
         "connective",
     ]
     assert info.classes["Gland#TYPE"] == ["nolabel", "benign gland", "malignant gland"]
+
+
+def test_40x_weights_share_the_default_weights_regions_and_split():
+    """`cerberus-cpu-multiscale-40x.pt` is the default weights with nuclear decoders retrained to
+    0.25 µm/px: every region tensor (encoder, gland, lumen and tissue heads) is the default's, the
+    held-out images are the same, and its held-out figures are recorded."""
+    path = weights.DEFAULT_WEIGHTS.with_name("cerberus-cpu-multiscale-40x.pt")
+    info, state = weights.read(path)
+    default_info, default_state = weights.read(weights.DEFAULT_WEIGHTS)
+    assert info.preset.name == "cpu-multiscale-40x" and info.mpp == 0.25
+    assert path.stat().st_size < 12 * 2**20
+    nuclear = ("decoder_head.Nuclei", "output_head.Nuclei", "fine_skip", "finer_skip")
+    shared = [k for k in state if not k.startswith(nuclear)]
+    assert len(shared) > 300
+    assert all(torch.equal(state[k], default_state[k]) for k in shared)
+    assert info.training["data"] == default_info.training["data"]
+    assert {"glas", "monuseg", "consep"} <= set(info.metrics)
+    assert info.untrained == default_info.untrained
