@@ -53,8 +53,15 @@ def _figure(summary: dict, path: tuple[str, ...]) -> float | None:
     return float(value)
 
 
-def compare(data: str | Path, paths: list[str | Path], device: str = "cpu", log=print) -> dict:
-    """{weights path: {layout: summary}} for the held-out images of the first file's split."""
+def compare(
+    data: str | Path,
+    paths: list[str | Path],
+    device: str = "cpu",
+    log=print,
+    scan_mpp: float | None = None,
+) -> dict:
+    """{weights path: {layout: summary}} for the held-out images of the first file's split (with
+    `scan_mpp`, as scans at that resolution would give them: `inference.evaluate`)."""
     data = Path(data)
     split = weights_file.read(paths[0])[0]
     layouts = [layout for layout in LAYOUTS if (data / layout).is_dir()]
@@ -68,7 +75,13 @@ def compare(data: str | Path, paths: list[str | Path], device: str = "cpu", log=
         for layout in layouts:
             started = time.time()
             report = evaluate(
-                data / layout, net, info, held_out_only=True, split=split, device=device
+                data / layout,
+                net,
+                info,
+                held_out_only=True,
+                split=split,
+                scan_mpp=scan_mpp,
+                device=device,
             )
             results[str(path)][layout] = report["summary"]
             log(
@@ -100,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("data", help="folder with glas/, monuseg/ and consep/")
     parser.add_argument("weights", nargs="+", help="weights files; the first one's split counts")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--scan-mpp", type=float, help="score finer images as scans at this µm/px")
     parser.add_argument("--json", help="also write every summary figure as JSON")
     args = parser.parse_args(argv)
     try:
@@ -108,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             args.weights,
             args.device,
             log=lambda line: print(line, file=sys.stderr, flush=True),
+            scan_mpp=args.scan_mpp,
         )
     except (weights_file.WeightsError, DatasetError, OSError) as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)

@@ -8,12 +8,16 @@ as a gland of its own (some GlaS masks give separate glands one label). MoNuSeg 
 give nuclei pixel Dice, AJI, PQ (DQ x SQ) and F1 at IoU 0.5 (averaged over images); CoNSeP adds
 HoVer-Net's detection F1 and per-type classification F1, pooled over its patches. Predictions are
 made at the network's resolution and compared with the ground truth at the image's own, after
-nearest-neighbour resampling.
+nearest-neighbour resampling. With a scan resolution (`scan_mpp`), each image finer than it is
+first reduced to it by area averaging, as a scanner at that resolution would give it (a 40x
+dataset scored as 20x scans of the same tissue), against the same truth; coarser images are used
+as they are.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -64,20 +68,25 @@ def evaluate(
     held_out_only: bool = False,
     split: WeightsInfo | None = None,
     mpp: float | None = None,
+    scan_mpp: float | None = None,
     device: str = "cpu",
     progress: Callable[[str], None] = lambda name: None,
 ) -> dict:
     """{"layout", "images": [per-image figures], "summary": {...}} for `folder`. With
     `held_out_only`, only the images that `split` (default: `info`, the weights scored) held out
-    of its training; another file's split scores two weights files on the same images."""
+    of its training; another file's split scores two weights files on the same images. With
+    `scan_mpp`, images finer than it are predicted as scans at it would give them."""
     folder = Path(folder)
     layout = detect_layout(folder)
     names = None
     if held_out_only:
         split = split or info
         names = set(split.training.get("data", {}).get(layout, {}).get("held_out", []))
+    if scan_mpp is not None and not scan_mpp > 0:
+        raise datasets.DatasetError(f"the scan resolution must be positive, not {scan_mpp}")
     run = {"glas": _evaluate_glas, "monuseg": _evaluate_monuseg, "consep": _evaluate_consep}
-    rows, extra = run[layout](folder, net, info, names, mpp, device, progress)
+    predict = partial(_predict, net, info, device=device, scan_mpp=scan_mpp)
+    rows, extra = run[layout](folder, predict, info, names, mpp, progress)
     if not rows:
         raise datasets.DatasetError(f"{folder}: no images to evaluate")
     return {"layout": layout, "images": rows, "summary": {**_summary(layout, rows), **extra}}
@@ -102,8 +111,13 @@ def found_instances(maps: dict, info, shape: tuple[int, int], settings: dict | N
     return labels, types
 
 
-def _predict(net, info, image: np.ndarray, scale: float, tasks, device):
-    maps = predicted_maps(net, info, image, scale, tasks, device)
+def _predict(net, info, image: np.ndarray, image_mpp: float, tasks, device, scan_mpp=None):
+    """Instances (and nuclear types) at the image's size; with a `scan_mpp` coarser than the
+    image, predicted from the image area-averaged to it."""
+    scanned = image
+    if scan_mpp is not None and scan_mpp > image_mpp:
+        scanned, image_mpp = datasets.resample_image(image, image_mpp / scan_mpp), scan_mpp
+    maps = predicted_maps(net, info, scanned, image_mpp / info.mpp, tasks, device)
     return found_instances(maps, info, image.shape[:2])
 
 
@@ -132,8 +146,8 @@ def _gland_figures(true: np.ndarray, pred: np.ndarray, prefix: str = "") -> dict
     }
 
 
-def _evaluate_glas(folder, net, info, names, mpp, device, progress):
-    scale = (mpp or datasets.GLAS_MPP) / info.mpp
+def _evaluate_glas(folder, predict, info, names, mpp, progress):
+    image_mpp = mpp or datasets.GLAS_MPP
     grades = datasets.glas_grades(folder)
     rows = []
     for name, image_path, mask_path in datasets.glas_pairs(folder):
@@ -144,7 +158,7 @@ def _evaluate_glas(folder, net, info, names, mpp, device, progress):
         true = np.asarray(Image.open(mask_path)).astype(np.int32)
         if true.ndim == 3:
             true = true[..., 0]
-        pred = _predict(net, info, image, scale, ("Gland", "Lumen"), device)[0]["Gland"]
+        pred = predict(image, image_mpp, ("Gland", "Lumen"))[0]["Gland"]
         pieces = truth_pieces(true)
         rows.append(
             {
@@ -179,11 +193,11 @@ def nucleus_images(folder: Path, layout: str, names: set[str] | None, mpp: float
         yield name, image, true, true_types, mpp or datasets.CONSEP_MPP
 
 
-def _evaluate_monuseg(folder, net, info, names, mpp, device, progress):
+def _evaluate_monuseg(folder, predict, info, names, mpp, progress):
     rows = []
     for name, image, true, _, tile_mpp in nucleus_images(folder, "monuseg", names, mpp):
         progress(name)
-        pred = _predict(net, info, image, tile_mpp / info.mpp, ("Nuclei",), device)[0]["Nuclei"]
+        pred = predict(image, tile_mpp, ("Nuclei",))[0]["Nuclei"]
         rows.append({"name": name, **nucleus_figures(true, pred)})
     return rows, {}
 
@@ -202,7 +216,7 @@ def nucleus_figures(true: np.ndarray, pred: np.ndarray) -> dict:
     }
 
 
-def _evaluate_consep(folder, net, info, names, mpp, device, progress):
+def _evaluate_consep(folder, predict, info, names, mpp, progress):
     patch_mpp = mpp or datasets.CONSEP_MPP
     radius = PAIR_RADIUS_UM / patch_mpp
     typed = len(info.untrained.get("Nuclei#TYPE", [])) < len(info.classes["Nuclei#TYPE"]) - 1
@@ -211,7 +225,7 @@ def _evaluate_consep(folder, net, info, names, mpp, device, progress):
     rows = []
     for name, image, true, true_type_map, _ in nucleus_images(folder, "consep", names, mpp):
         progress(name)
-        found, types = _predict(net, info, image, patch_mpp / info.mpp, tasks, device)
+        found, types = predict(image, patch_mpp, tasks)
         pred = found["Nuclei"]
         rows.append({"name": name, **nucleus_figures(true, pred)})
         true_ids, true_xy = metrics.centroids(true)

@@ -69,6 +69,11 @@ def train(config_path, resume, data, out, device, steps, minutes, pack_path) -> 
     help="With --held-out: the images this other weights file held out (to compare two files).",
 )
 @click.option("--mpp", type=float, help="µm/px of the images (default: the dataset's own).")
+@click.option(
+    "--scan-mpp",
+    type=float,
+    help="Predict images finer than this µm/px as a scan at it would give them (0.5: 20x).",
+)
 @click.option("--device", default="cpu", show_default=True)
 @click.option(
     "--json",
@@ -77,7 +82,9 @@ def train(config_path, resume, data, out, device, steps, minutes, pack_path) -> 
     help="Also write the per-image figures and summary as JSON.",
 )
 @click.option("--record", is_flag=True, help="Store the summary in the weights file's metrics.")
-def evaluate(folder, weights_path, held_out, split_path, mpp, device, json_path, record) -> None:
+def evaluate(
+    folder, weights_path, held_out, split_path, mpp, scan_mpp, device, json_path, record
+) -> None:
     """Score the model on FOLDER (GlaS, MoNuSeg or CoNSeP layout): gland object F1/Dice/Hausdorff
     (all, benign and malignant images), or nuclei Dice/AJI/PQ/F1 (and per-type F1 on CoNSeP)."""
     from inference import weights as weights_file
@@ -96,6 +103,7 @@ def evaluate(folder, weights_path, held_out, split_path, mpp, device, json_path,
             held_out_only=held_out,
             split=split,
             mpp=mpp,
+            scan_mpp=scan_mpp,
             device=device,
             progress=lambda name: click.echo(f"  {name}", err=True),
         )

@@ -81,6 +81,34 @@ def test_evaluate_command_scores_a_monuseg_folder(tmp_path, capsys):
     assert "monuseg summary over 1 images" in printed and "aji" in printed
 
 
+def test_evaluate_scores_images_as_scans_at_a_coarser_resolution(tmp_path, monkeypatch):
+    """--scan-mpp predicts from each image area-averaged to that resolution (the fixture's tiles
+    are 0.5 µm/px: a 1 µm/px scan is half their size) and scores against the same truth; images
+    already coarser than the scan are used as they are; a scan resolution of zero is refused."""
+    from inference import evaluate as evaluation
+
+    folder = write_monuseg(tmp_path / "monuseg", names=("tile",))
+    seen = []
+    real = evaluation.predicted_maps
+
+    def recording(net, info, image, scale, *rest):
+        seen.append((image.shape[:2], scale))
+        return real(net, info, image, scale, *rest)
+
+    monkeypatch.setattr(evaluation, "predicted_maps", recording)
+    rows = []
+    for scan in (None, "1.0", "0.25"):
+        report = tmp_path / "report.json"
+        args = ["evaluate", str(folder), "--json", str(report)]
+        assert main(args + (["--scan-mpp", scan] if scan else [])) == 0
+        rows.append(json.loads(report.read_text())["images"][0])
+    (own, own_scale), (scan, scan_scale), (finer, finer_scale) = seen
+    assert scan == (own[0] // 2, own[1] // 2) and scan_scale == 2 * own_scale
+    assert (finer, finer_scale) == (own, own_scale) and rows[2] == rows[0]
+    assert rows[1]["nuclei"] == rows[0]["nuclei"] and rows[1]["aji"] != rows[0]["aji"]
+    assert main(["evaluate", str(folder), "--scan-mpp", "0"]) == 1
+
+
 @pytest.mark.parametrize(
     ("setup", "message"),
     [
