@@ -366,13 +366,12 @@ class CerberusNet(nn.Module):
         (training feeds the region tasks images already at their resolution, the nuclear ones
         at the input's with `pool` = `preset.nucleus_scale`); logits at the images' size."""
         size = images.shape[-2:]
-        encoded = F.avg_pool2d(images, pool) if pool > 1 else images
-        feats = self.backbone(encoded / 255.0)
+        encoded = (F.avg_pool2d(images, pool) if pool > 1 else images) / 255.0
+        feats = self.backbone(encoded)
         bottom = self.conv_map(feats[-1])
         skips = feats[-2::-1]  # the four encoder maps a decoder adds, coarsest first
-        # Past the encoder's maps: the encoder's input, then (with pool 2) the images themselves.
-        fine_inputs = [("fine_skip", encoded), ("finer_skip", images)]
-        fine_skips: dict[int, torch.Tensor] = {}
+        # Past the encoder's maps, made once: of the encoder's input, then of the images (pool 2).
+        fine_skips: list[torch.Tensor] = []
         out = {}
         for name, blocks in self.decoder_head.items():
             if name == PATCH_HEAD or (tasks is not None and name not in tasks):
@@ -384,9 +383,9 @@ class CerberusNet(nn.Module):
                     x = block(skips[i] + x)
                     continue
                 j = i - len(skips)
-                if j not in fine_skips:
-                    module, source = fine_inputs[j]
-                    fine_skips[j] = getattr(self, module)(source / 255.0)
+                if j == len(fine_skips):
+                    skip = self.fine_skip(encoded) if j == 0 else self.finer_skip(images / 255.0)
+                    fine_skips.append(skip)
                 x = block(fine_skips[j] + x)
             for head, module in self.output_head[name].items():
                 logits = module(x)

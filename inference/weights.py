@@ -27,6 +27,8 @@ from inference.network import PRESETS, TISSUE_CLASSES, CerberusNet, Preset, buil
 
 FORMAT = "spatialdb-weights/1"
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "cerberus-cpu-multiscale.pt"
+#: The shipped weights for slides scanned at 40x: nuclear decoders ending at 0.25 µm/px.
+WEIGHTS_40X = DEFAULT_WEIGHTS.with_name("cerberus-cpu-multiscale-40x.pt")
 #: Preset fields stored as lists in a weights file and as tuples in a `Preset`.
 _TUPLE_FIELDS = ("widths", "blocks", "nucleus_types", "gland_types")
 #: Contour widths (px at 0.5 µm/px) assumed for the published checkpoint's targets.

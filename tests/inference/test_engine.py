@@ -108,7 +108,7 @@ def test_40x_weights_find_the_default_weights_nuclei_on_a_20x_slide(model, tmp_p
     from inference.slide import open_slide, tissue_mask
     from tests.slides import tissue_image, write_pyramid
 
-    net, info = weights.load(weights.DEFAULT_WEIGHTS.with_name("cerberus-cpu-multiscale-40x.pt"))
+    net, info = weights.load(weights.WEIGHTS_40X)
     fine = CerberusModel(net, info)
     reader = open_slide(write_pyramid(tmp_path / "s.tiff", tissue_image(1000, 1000, 5), 0.5))
     mask = tissue_mask(reader)

@@ -97,7 +97,7 @@ def test_40x_weights_share_the_default_weights_regions_and_split():
     """`cerberus-cpu-multiscale-40x.pt` is the default weights with nuclear decoders retrained to
     0.25 µm/px: every region tensor (encoder, gland, lumen and tissue heads) is the default's, the
     held-out images are the same, and its held-out figures are recorded."""
-    path = weights.DEFAULT_WEIGHTS.with_name("cerberus-cpu-multiscale-40x.pt")
+    path = weights.WEIGHTS_40X
     info, state = weights.read(path)
     default_info, default_state = weights.read(weights.DEFAULT_WEIGHTS)
     assert info.preset.name == "cpu-multiscale-40x" and info.mpp == 0.25
