@@ -5,9 +5,11 @@ with post-processing in worker processes (the default) and once serially in the 
 baseline, measured in the same run), alternating. Reported per mode, as medians: time per phase
 (open, tissue mask, read, infer, post-process in CPU seconds, waiting on post-processing, load),
 wall time and tissue mm² per minute. The target on the 2-core CPU machine is the sample fully
-ingested in under 60 s. With `--baseline-weights FILE` (e.g. the previous default weights, from
-the repository's history) a third mode ingests with those weights in worker processes, so that the
-shipped weights' cost is measured beside the old one's in the same run.
+ingested in under 60 s. A slide the benchmark adds to the database is deleted when it ends; one
+stored before it is left there, as the last mode ingested it. With `--baseline-weights FILE` (e.g.
+the previous default weights, from the repository's history) a third mode ingests with those
+weights in worker processes, so that the shipped weights' cost is measured beside the old one's in
+the same run.
 
 It also reports the compute the product's tiling (512 in / 384 kept) saves against the published
 one (448 in / 144 kept) at equal outputs: patches needed over the slide's tissue × FLOPs per
@@ -73,6 +75,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from spatialdb.pipeline.ingest import ingest_slide, load_model
+    from spatialdb.store.catalog import delete_slide, slide_summaries
     from spatialdb.store.db import connect
 
     engine = connect()
@@ -82,17 +85,24 @@ def main() -> int:
         modes["baseline"] = (load_model(args.baseline_weights, args.device), None)
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     tissue = 0.0
-    for k in range(args.repeat):
-        for mode, (chosen, workers) in modes.items():
-            started = time.perf_counter()
-            outcome = ingest_slide(
-                engine, args.slide, chosen, force=True, device=args.device, workers=workers
-            )
-            timings = dict(outcome.timings, wall=time.perf_counter() - started)
-            runs[mode].append(timings)
-            tissue = outcome.tissue_mm2
-            objects = {t: sum(c.values()) for t, c in outcome.counts.items()}
-            print(f"run {k + 1} {mode:8s} {timings['wall']:6.1f} s  {objects}", flush=True)
+    stored_before = {s["id"] for s in slide_summaries(engine)}
+    added: set[int] = set()
+    try:
+        for k in range(args.repeat):
+            for mode, (chosen, workers) in modes.items():
+                started = time.perf_counter()
+                outcome = ingest_slide(
+                    engine, args.slide, chosen, force=True, device=args.device, workers=workers
+                )
+                added |= {outcome.slide_id} - stored_before
+                timings = dict(outcome.timings, wall=time.perf_counter() - started)
+                runs[mode].append(timings)
+                tissue = outcome.tissue_mm2
+                objects = {t: sum(c.values()) for t, c in outcome.counts.items()}
+                print(f"run {k + 1} {mode:8s} {timings['wall']:6.1f} s  {objects}", flush=True)
+    finally:
+        for slide_id in added:
+            delete_slide(engine, slide_id)
 
     print(f"\n{args.slide.name}: {tissue:.3f} mm² of tissue, device {args.device}, "
           f"medians of {args.repeat}")  # fmt: skip
