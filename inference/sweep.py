@@ -4,11 +4,13 @@ The network's maps are computed once per image of the weights' training split (M
 CoNSeP patches), then every pair of thresholds of the grid turns them into nuclei: markers where
 the inner probability exceeds the inner threshold (or, for weights with distance maps, where both
 maps rise faster than the slope threshold), grown over pixels whose inner + contour probability
-exceeds the foreground threshold. Prints mean AJI, PQ and Dice per dataset and setting, and marks
-the best mean AJI over the datasets.
+exceeds the foreground threshold; nuclei smaller than the minimum area are dropped. Prints mean
+AJI, PQ and Dice per dataset and setting, and marks the best mean AJI and the best mean PQ over the
+datasets.
 
     python -m inference.sweep ../shared/data/monuseg ../shared/data/consep [--weights FILE]
-        [--inner 0.5,0.6,0.7] [--foreground 0.4,0.5] [--slope 0.02,0.05] [--sobel 5,7,11]
+        [--inner 0.5,0.6,0.7] [--foreground 0.4,0.5] [--min-area 3,8,15]
+        [--slope 0.02,0.05] [--sobel 5,7,11]
 """
 
 from __future__ import annotations
@@ -34,10 +36,12 @@ from inference.predict import POSTPROCESS
 
 #: What the sweep varies: name -> (the setting in `predict.POSTPROCESS`, default values). The
 #: inner threshold makes the markers of the inner/contour path; slope and Sobel size those of the
-#: distance-map path (weights with `Nuclei-HV`), which does not read the inner threshold.
+#: distance-map path (weights with `Nuclei-HV`), which does not read the inner threshold. The
+#: minimum area (µm²) drops specks on both.
 PARAMETERS = {
     "inner": (("inner_threshold", "Nuclei"), (0.5, 0.6, 0.7, 0.8, 0.9)),
     "foreground": (("foreground_threshold",), (0.4, 0.5, 0.6, 0.7)),
+    "min_area": (("min_area_um2", "Nuclei"), (3.0, 8.0, 15.0)),
     "slope": (("hv_slope_threshold",), (0.02, 0.05, 0.08, 0.12)),
     "sobel": (("hv_sobel_px",), (5, 7, 11)),
 }
@@ -46,7 +50,10 @@ FIGURES = ("aji", "pq", "dice")
 
 def default_grid(info) -> dict[str, tuple]:
     """The parameters that matter for the weights' post-processing, with default values."""
-    names = ("foreground", "slope", "sobel") if info.preset.nucleus_hv else ("inner", "foreground")
+    if info.preset.nucleus_hv:
+        names = ("foreground", "min_area", "slope", "sobel")
+    else:
+        names = ("inner", "foreground", "min_area")
     return {name: PARAMETERS[name][1] for name in names}
 
 
@@ -56,7 +63,7 @@ def nucleus_settings(info, grid: dict[str, tuple]) -> list[dict]:
     base = {**POSTPROCESS, **info.postprocess}
     out = []
     for values in itertools.product(*grid.values()):
-        setting = {**base, "inner_threshold": dict(base["inner_threshold"])}
+        setting = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
         for name, value in zip(grid, values, strict=True):
             container, key = _slot(setting, name)
             container[key] = value
@@ -112,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     for name, (_, values) in PARAMETERS.items():
         parser.add_argument(
-            f"--{name}", type=_numbers, help=f"values, e.g. {','.join(map(str, values[:3]))}"
+            f"--{name.replace('_', '-')}",
+            type=_numbers,
+            help=f"values, e.g. {','.join(map(str, values[:3]))}",
         )
     args = parser.parse_args(argv)
     try:
@@ -133,18 +142,21 @@ def main(argv: list[str] | None = None) -> int:
     header = "  ".join(f"{n:>10}" for n in grid) + "  "
     header += "  ".join(f"{r['layout']} ({r['images']}) AJI / PQ / Dice" for r in results)
     print(f"{args.weights.name}, training images, {time.monotonic() - started:.0f} s")
-    print(header + "  mean AJI")
-    mean_aji = [np.mean([r["figures"][i]["aji"] for r in results]) for i in range(len(settings))]
-    best = int(np.argmax(mean_aji))
+    print(header + "  mean AJI / PQ")
+    mean = {
+        key: [np.mean([r["figures"][i][key] for r in results]) for i in range(len(settings))]
+        for key in ("aji", "pq")
+    }
+    best = {key: int(np.argmax(values)) for key, values in mean.items()}
     for i, setting in enumerate(settings):
         values = setting_values(setting, grid)
         cells = "  ".join(
             " / ".join(f"{r['figures'][i][key]:.3f}" for key in FIGURES) for r in results
         )
-        mark = " best" if i == best else ""
+        mark = "".join(f" best {key.upper()}" for key in best if best[key] == i)
         mark += " (current)" if values == now else ""
         columns = "  ".join(f"{v:>10g}" for v in values)
-        print(f"{columns}  {cells}  {mean_aji[i]:.3f}{mark}")
+        print(f"{columns}  {cells}  {mean['aji'][i]:.3f} / {mean['pq'][i]:.3f}{mark}")
     return 0
 
 

@@ -37,11 +37,31 @@ def test_the_sweep_skips_held_out_images(tmp_path):
 
 def test_the_sweep_prints_a_table_and_refuses_gland_folders(tmp_path, capsys):
     write_consep(tmp_path / "consep", images=1, patches=1)
-    assert main([str(tmp_path / "consep"), "--inner", "0.5,0.7", "--foreground", "0.5"]) == 0
+    argv = [
+        str(tmp_path / "consep"),
+        "--inner",
+        "0.5,0.7",
+        "--foreground",
+        "0.5",
+        "--min-area",
+        "3",
+    ]
+    assert main(argv) == 0
     rows = capsys.readouterr().out.splitlines()
-    assert len(rows) == 4 and "(current)" in rows[2] and sum("best" in r for r in rows) == 1
+    assert len(rows) == 4 and "(current)" in rows[2]
+    assert sum("best AJI" in r for r in rows) == 1 and sum("best PQ" in r for r in rows) == 1
     write_glas(tmp_path / "glas", count=1)
     assert main([str(tmp_path / "glas")]) == 1
     assert "the sweep scores nuclei" in capsys.readouterr().err
     with pytest.raises(DatasetError, match="no consep training images"):
         sweep(tmp_path / "consep", *weights.random_weights(weights.load()[1].preset), [])
+
+
+def test_the_sweep_varies_the_minimum_nucleus_area(tmp_path, capsys):
+    write_consep(tmp_path / "consep", images=1, patches=1)
+    argv = [str(tmp_path / "consep"), "--inner", "0.5", "--foreground", "0.5"]
+    assert main([*argv, "--min-area", "3,1000"]) == 0
+    header, kept, none = capsys.readouterr().out.splitlines()[1:]
+    assert "min_area" in header and "(current)" in kept and "best AJI" in kept
+    assert none.split()[:3] == ["0.5", "0.5", "1000"]
+    assert none.split()[3:6] == ["0.000", "/", "0.000"]  # no nucleus is 1,000 µm²: AJI, PQ 0
