@@ -6,7 +6,8 @@ negatives pooled over the images, as in the challenge), object Dice and object H
 the truth's labels as given (the GlaS convention) and with every connected piece of a true gland
 as a gland of its own (some GlaS masks give separate glands one label). MoNuSeg and CoNSeP folders
 give nuclei pixel Dice, AJI, PQ (DQ x SQ) and F1 at IoU 0.5 (averaged over images); CoNSeP adds
-HoVer-Net's detection F1 and per-type classification F1, pooled over its patches. Predictions are
+HoVer-Net's detection F1 and per-type classification F1, pooled over its patches, with the counts
+behind each type's F1. Predictions are
 made at the network's resolution and compared with the ground truth at the image's own, after
 nearest-neighbour resampling. With a scan resolution (`scan_mpp`), each image finer than it is
 first reduced to it by area averaging, as a scanner at that resolution would give it (a 40x
@@ -237,7 +238,9 @@ def _evaluate_consep(folder, predict, info, names, mpp, progress):
         detections.add(true_types, pred_types, pairs)
     extra = {"detection_f1": detections.detection_f1()}
     if typed:
-        extra["type_f1"] = {kind: detections.type_f1(kind) for kind in LABELLED_NUCLEUS_TYPES[1:]}
+        kinds = LABELLED_NUCLEUS_TYPES[1:]
+        extra["type_f1"] = {kind: detections.type_f1(kind) for kind in kinds}
+        extra["type_counts"] = {kind: detections.counts(kind) for kind in kinds}
     return rows, extra
 
 

@@ -260,6 +260,21 @@ class TypedDetections:
         denominator = 2 * (tp + tn) + 2 * fp + 2 * fn + fp_d + fn_d
         return float(2 * (tp + tn) / denominator) if denominator else 1.0
 
+    def counts(self, kind) -> dict[str, int]:
+        """Where F_c's terms come from for one type: its true nuclei, how many of them pair and
+        how many of those are typed right; the predictions of this type, and how many of them
+        pair with no true nucleus (FP_d)."""
+        t, p = np.asarray(self.paired_true), np.asarray(self.paired_pred)
+        unpaired_true = int(np.sum(np.asarray(self.unpaired_true) == kind))
+        unpaired_pred = int(np.sum(np.asarray(self.unpaired_pred) == kind))
+        return {
+            "true": int(np.sum(t == kind)) + unpaired_true,
+            "paired": int(np.sum(t == kind)),
+            "typed_right": int(np.sum((t == kind) & (p == kind))),
+            "predicted": int(np.sum(p == kind)) + unpaired_pred,
+            "unpaired_predicted": unpaired_pred,
+        }
+
 
 def polygon_agreement(a: list, b: list, iou: float = 0.5) -> dict[str, float]:
     """How far two sets of polygons (two runs over the same slide) find the same objects: pairs

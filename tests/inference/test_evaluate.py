@@ -60,6 +60,16 @@ def test_evaluate_command_scores_a_consep_folder_with_per_type_f1(tmp_path, caps
     summary = json.loads(out.read_text())["summary"]
     assert {"aji", "pq", "dq", "sq", "dice", "detection_f1"} <= set(summary)
     assert set(summary["type_f1"]) == {"other", "inflammatory", "epithelial", "connective"}
+    counts = summary["type_counts"]
+    assert set(counts) == set(summary["type_f1"]) and "unpaired_predicted" in printed
+    report = json.loads(out.read_text())
+    assert sum(c["true"] for c in counts.values()) == sum(r["nuclei"] for r in report["images"])
+    assert sum(c["predicted"] for c in counts.values()) <= sum(
+        r["predicted"] for r in report["images"]
+    )
+    for c in counts.values():
+        assert c["typed_right"] <= c["paired"] <= c["true"]
+        assert c["unpaired_predicted"] <= c["predicted"]
 
 
 def test_truth_pieces_splits_one_label_given_to_separate_glands():

@@ -124,3 +124,17 @@ def test_typed_detections_follow_hovernet_pairing_and_type_f1():
     assert detections.type_f1("epithelial") == 1.0
     # other: TN 1 among pairs, 1 unpaired true (FN_d) and 2 unpaired predicted (FP_d)
     assert detections.type_f1("other") == pytest.approx(2 / (2 + 1 + 2))
+    assert detections.counts("other") == {
+        "true": 1,
+        "paired": 0,
+        "typed_right": 0,
+        "predicted": 2,
+        "unpaired_predicted": 2,
+    }
+    assert detections.counts("epithelial") == {
+        "true": 1,
+        "paired": 1,
+        "typed_right": 1,
+        "predicted": 1,
+        "unpaired_predicted": 0,
+    }
