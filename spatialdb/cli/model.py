@@ -86,7 +86,8 @@ def evaluate(
     folder, weights_path, held_out, split_path, mpp, scan_mpp, device, json_path, record
 ) -> None:
     """Score the model on FOLDER (GlaS, MoNuSeg or CoNSeP layout): gland object F1/Dice/Hausdorff
-    (all, benign and malignant images), or nuclei Dice/AJI/PQ/F1 (and per-type F1 on CoNSeP)."""
+    (all, benign and malignant images), or nuclei Dice/AJI/PQ/F1 (and per-type F1 with the counts
+    behind it on CoNSeP)."""
     from inference import weights as weights_file
     from inference.datasets import DatasetError
     from inference.evaluate import BAR
