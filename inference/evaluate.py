@@ -7,12 +7,11 @@ the truth's labels as given (the GlaS convention) and with every connected piece
 as a gland of its own (some GlaS masks give separate glands one label). MoNuSeg and CoNSeP folders
 give nuclei pixel Dice, AJI, PQ (DQ x SQ) and F1 at IoU 0.5 (averaged over images); CoNSeP adds
 HoVer-Net's detection F1 and per-type classification F1, pooled over its patches, with the counts
-behind each type's F1. Predictions are
-made at the network's resolution and compared with the ground truth at the image's own, after
-nearest-neighbour resampling. With a scan resolution (`scan_mpp`), each image finer than it is
-first reduced to it by area averaging, as a scanner at that resolution would give it (a 40x
-dataset scored as 20x scans of the same tissue), against the same truth; coarser images are used
-as they are.
+behind each type's F1. Predictions are made at the network's resolution and compared with the
+ground truth at the image's own, after nearest-neighbour resampling. With a scan resolution
+(`scan_mpp`), each image finer than it is first reduced to it by area averaging, as a scanner at
+that resolution would give it (a 40x dataset scored as 20x scans of the same tissue), against the
+same truth; coarser images are used as they are.
 """
 
 from __future__ import annotations
