@@ -59,9 +59,11 @@ def compare(
     device: str = "cpu",
     log=print,
     scan_mpp: float | None = None,
+    flips: bool = False,
 ) -> dict:
     """{weights path: {layout: summary}} for the held-out images of the first file's split (with
-    `scan_mpp`, as scans at that resolution would give them: `inference.evaluate`)."""
+    `scan_mpp`, as scans at that resolution would give them; with `flips`, the maps averaged over
+    each tile's four flips: `inference.evaluate`)."""
     data = Path(data)
     split = weights_file.read(paths[0])[0]
     layouts = [layout for layout in LAYOUTS if (data / layout).is_dir()]
@@ -82,6 +84,7 @@ def compare(
                 split=split,
                 scan_mpp=scan_mpp,
                 device=device,
+                flips=flips,
             )
             results[str(path)][layout] = report["summary"]
             log(
@@ -114,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("weights", nargs="+", help="weights files; the first one's split counts")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--scan-mpp", type=float, help="score finer images as scans at this µm/px")
+    parser.add_argument("--flips", action="store_true", help="average each tile's four flips")
     parser.add_argument("--json", help="also write every summary figure as JSON")
     args = parser.parse_args(argv)
     try:
@@ -123,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             args.device,
             log=lambda line: print(line, file=sys.stderr, flush=True),
             scan_mpp=args.scan_mpp,
+            flips=args.flips,
         )
     except (weights_file.WeightsError, DatasetError, OSError) as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)

@@ -70,12 +70,14 @@ def evaluate(
     mpp: float | None = None,
     scan_mpp: float | None = None,
     device: str = "cpu",
+    flips: bool = False,
     progress: Callable[[str], None] = lambda name: None,
 ) -> dict:
     """{"layout", "images": [per-image figures], "summary": {...}} for `folder`. With
     `held_out_only`, only the images that `split` (default: `info`, the weights scored) held out
     of its training; another file's split scores two weights files on the same images. With
-    `scan_mpp`, images finer than it are predicted as scans at it would give them."""
+    `scan_mpp`, images finer than it are predicted as scans at it would give them; with `flips`,
+    the network's maps are averaged over each tile's four flips."""
     folder = Path(folder)
     layout = detect_layout(folder)
     names = None
@@ -85,17 +87,18 @@ def evaluate(
     if scan_mpp is not None and not scan_mpp > 0:
         raise datasets.DatasetError(f"the scan resolution must be positive, not {scan_mpp}")
     run = {"glas": _evaluate_glas, "monuseg": _evaluate_monuseg, "consep": _evaluate_consep}
-    predict = partial(_predict, net, info, device=device, scan_mpp=scan_mpp)
+    predict = partial(_predict, net, info, device=device, scan_mpp=scan_mpp, flips=flips)
     rows, extra = run[layout](folder, predict, info, names, mpp, progress)
     if not rows:
         raise datasets.DatasetError(f"{folder}: no images to evaluate")
     return {"layout": layout, "images": rows, "summary": {**_summary(layout, rows), **extra}}
 
 
-def predicted_maps(net, info, image: np.ndarray, scale: float, tasks, device) -> dict:
-    """The heads' probabilities at the network's resolution, untrained classes at zero."""
+def predicted_maps(net, info, image: np.ndarray, scale: float, tasks, device, flips=False) -> dict:
+    """The heads' probabilities at the network's resolution, untrained classes at zero (with
+    `flips`, averaged over each tile's four flips)."""
     resampled = datasets.resample_image(image, scale)
-    return without_untrained(predict_image(net, resampled, tasks, device), info)
+    return without_untrained(predict_image(net, resampled, tasks, device, flips=flips), info)
 
 
 def found_instances(maps: dict, info, shape: tuple[int, int], settings: dict | None = None):
@@ -111,13 +114,15 @@ def found_instances(maps: dict, info, shape: tuple[int, int], settings: dict | N
     return labels, types
 
 
-def _predict(net, info, image: np.ndarray, image_mpp: float, tasks, device, scan_mpp=None):
+def _predict(
+    net, info, image: np.ndarray, image_mpp: float, tasks, device, scan_mpp=None, flips=False
+):
     """Instances (and nuclear types) at the image's size; with a `scan_mpp` coarser than the
     image, predicted from the image area-averaged to it."""
     scanned = image
     if scan_mpp is not None and scan_mpp > image_mpp:
         scanned, image_mpp = datasets.resample_image(image, image_mpp / scan_mpp), scan_mpp
-    maps = predicted_maps(net, info, scanned, image_mpp / info.mpp, tasks, device)
+    maps = predicted_maps(net, info, scanned, image_mpp / info.mpp, tasks, device, flips)
     return found_instances(maps, info, image.shape[:2])
 
 

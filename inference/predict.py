@@ -92,21 +92,53 @@ def head_values(name: str, logits: torch.Tensor) -> torch.Tensor:
     return logits.float().softmax(dim=1)
 
 
+#: Test-time flips of an NCHW batch: none, left-right, up-down, both.
+FLIPS = ((), (3,), (2,), (2, 3))
+
+
+def flip_averaged(values, images: torch.Tensor, flips: bool = True) -> dict[str, torch.Tensor]:
+    """`values(images)` ({head: values}) averaged over `FLIPS` of the images: spatial outputs
+    (N, C, H, W) flipped back, the distance maps' horizontal (channel 0) and vertical (channel 1)
+    values negated along a flipped axis, vectors (N, C) averaged as they are. Without `flips`,
+    `values(images)`."""
+    if not flips:
+        return values(images)
+    total: dict[str, torch.Tensor] = {}
+    for axes in FLIPS:
+        out = values(images.flip(axes) if axes else images)
+        for name, value in out.items():
+            if value.ndim == 4 and axes:
+                value = value.flip(axes)
+                if name == NUCLEI_HV:
+                    sign = [-1.0 if 3 in axes else 1.0, -1.0 if 2 in axes else 1.0]
+                    value = value * value.new_tensor(sign).view(1, 2, 1, 1)
+            total[name] = total[name] + value if name in total else value
+    return {name: value / len(FLIPS) for name, value in total.items()}
+
+
 @torch.inference_mode()
 def predict_tiles(
-    net: CerberusNet, tiles: np.ndarray, tasks: tuple[str, ...], device: str = "cpu"
+    net: CerberusNet,
+    tiles: np.ndarray,
+    tasks: tuple[str, ...],
+    device: str = "cpu",
+    flips: bool = False,
 ) -> dict[str, np.ndarray]:
     """Softmax probabilities of the kept centre of each tile: (N, C, out, out) per head, and
-    `Patch-Class` as (N, C). `tiles` is (N, input, input, 3) uint8."""
+    `Patch-Class` as (N, C); with `flips`, averaged over the tiles' four flips. `tiles` is
+    (N, input, input, 3) uint8."""
     preset = net.preset
     margin = (preset.input_size - preset.output_size) // 2
     keep = slice(margin, margin + preset.output_size)
     images = torch.from_numpy(np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))).float()
-    with autocast(device):
-        out = net(images.to(device), tasks=tasks)
+
+    def values(batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        with autocast(device):
+            out = net(batch, tasks=tasks)
+        return {name: head_values(name, logits) for name, logits in out.items()}
+
     result = {}
-    for name, logits in out.items():
-        probs = head_values(name, logits)
+    for name, probs in flip_averaged(values, images.to(device), flips).items():
         if probs.ndim == 4:
             probs = probs[..., keep, keep]
         result[name] = probs.cpu().numpy()
@@ -119,9 +151,11 @@ def predict_image(
     tasks: tuple[str, ...],
     device: str = "cpu",
     batch: int = 4,
+    flips: bool = False,
 ) -> dict[str, np.ndarray]:
     """Head probabilities over a whole (H, W, 3) uint8 image at the network's resolution:
-    (C, H, W) per segmentation head, and `Patch-Class` as (C, rows, cols) per kept tile."""
+    (C, H, W) per segmentation head, and `Patch-Class` as (C, rows, cols) per kept tile; with
+    `flips`, each tile's averaged over its four flips."""
     preset = net.preset
     size, out = preset.input_size, preset.output_size
     margin = (size - out) // 2
@@ -137,7 +171,7 @@ def predict_image(
     for start in range(0, len(corners), batch):
         chunk = corners[start : start + batch]
         tiles = np.stack([padded[y : y + size, x : x + size] for y, x in chunk])
-        for name, probs in predict_tiles(net, tiles, tasks, device).items():
+        for name, probs in predict_tiles(net, tiles, tasks, device, flips).items():
             if probs.ndim == 2:
                 grid = maps.setdefault(name, np.zeros((probs.shape[1], rows, cols), np.float32))
                 for (y, x), p in zip(chunk, probs, strict=True):

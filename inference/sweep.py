@@ -9,7 +9,7 @@ AJI, PQ and Dice per dataset and setting, and marks the best mean AJI and the be
 datasets.
 
     python -m inference.sweep ../shared/data/monuseg ../shared/data/consep [--weights FILE]
-        [--inner 0.5,0.6,0.7] [--foreground 0.4,0.5] [--min-area 3,8,15]
+        [--flips] [--inner 0.5,0.6,0.7] [--foreground 0.4,0.5] [--min-area 3,8,15]
         [--slope 0.02,0.05] [--sobel 5,7,11]
 """
 
@@ -82,8 +82,11 @@ def _slot(setting: dict, name: str) -> tuple[dict, str]:
     return (setting[path[0]] if path else setting), key
 
 
-def sweep(folder: Path, net, info, settings: list[dict], device="cpu", progress=print) -> dict:
-    """{"layout", "images", "figures": [mean figures per setting]} over the training images."""
+def sweep(
+    folder: Path, net, info, settings: list[dict], device="cpu", progress=print, flips=False
+) -> dict:
+    """{"layout", "images", "figures": [mean figures per setting]} over the training images (with
+    `flips`, the maps averaged over each tile's four flips)."""
     layout = detect_layout(folder)
     if layout not in ("monuseg", "consep"):
         raise DatasetError(f"{folder}: the sweep scores nuclei (MoNuSeg or CoNSeP folders)")
@@ -94,7 +97,7 @@ def sweep(folder: Path, net, info, settings: list[dict], device="cpu", progress=
     count = 0
     for name, image, true, _, mpp in nucleus_images(folder, layout, set(train), None):
         progress(name)
-        maps = predicted_maps(net, info, image, mpp / info.mpp, ("Nuclei",), device)
+        maps = predicted_maps(net, info, image, mpp / info.mpp, ("Nuclei",), device, flips)
         for row, setting in enumerate(settings):
             pred = found_instances(maps, info, true.shape, setting)[0]["Nuclei"]
             figures = nucleus_figures(true, pred)
@@ -117,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--weights", type=Path, default=weights_file.DEFAULT_WEIGHTS)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--flips", action="store_true", help="average each tile's four flips")
     for name, (_, values) in PARAMETERS.items():
         parser.add_argument(
             f"--{name.replace('_', '-')}",
@@ -132,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = nucleus_settings(info, grid)
         started = time.monotonic()
         results = [
-            sweep(folder, net, info, settings, args.device, progress=lambda name: None)
+            sweep(folder, net, info, settings, args.device, lambda name: None, args.flips)
             for folder in args.folders
         ]
     except (weights_file.WeightsError, DatasetError, OSError) as exc:

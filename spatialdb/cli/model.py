@@ -75,6 +75,7 @@ def train(config_path, resume, data, out, device, steps, minutes, pack_path) -> 
     help="Predict images finer than this µm/px as a scan at it would give them (0.5: 20x).",
 )
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--flips", is_flag=True, help="Average the network's maps over each tile's 4 flips.")
 @click.option(
     "--json",
     "json_path",
@@ -83,7 +84,7 @@ def train(config_path, resume, data, out, device, steps, minutes, pack_path) -> 
 )
 @click.option("--record", is_flag=True, help="Store the summary in the weights file's metrics.")
 def evaluate(
-    folder, weights_path, held_out, split_path, mpp, scan_mpp, device, json_path, record
+    folder, weights_path, held_out, split_path, mpp, scan_mpp, device, flips, json_path, record
 ) -> None:
     """Score the model on FOLDER (GlaS, MoNuSeg or CoNSeP layout): gland object F1/Dice/Hausdorff
     (all, benign and malignant images), or nuclei Dice/AJI/PQ/F1 (and per-type F1 with the counts
@@ -106,6 +107,7 @@ def evaluate(
             mpp=mpp,
             scan_mpp=scan_mpp,
             device=device,
+            flips=flips,
             progress=lambda name: click.echo(f"  {name}", err=True),
         )
     except (weights_file.WeightsError, DatasetError, OSError) as exc:
@@ -131,7 +133,12 @@ def evaluate(
         Path(json_path).write_text(json.dumps({"weights": str(path), **report}, indent=2))
     if record:
         metrics = dict(info.metrics)
-        metrics[layout] = {"folder": str(folder), "held_out_only": held_out, **summary}
+        metrics[layout] = {
+            "folder": str(folder),
+            "held_out_only": held_out,
+            "flips": flips,
+            **summary,
+        }
         weights_file.update(path, metrics=metrics)
         click.echo(f"recorded in {path}")
 
