@@ -250,13 +250,12 @@ class TypedDetections:
     def type_f1(self, kind) -> float:
         """HoVer-Net's F_c of one type: 2(TP+TN) / (2(TP+TN) + 2 FP + 2 FN + FP_d + FN_d), where TP,
         TN, FP, FN count the paired nuclei and FP_d, FN_d the unpaired ones of this type."""
-        t, p = np.asarray(self.paired_true), np.asarray(self.paired_pred)
-        tp = np.sum((t == kind) & (p == kind))
-        tn = np.sum((t != kind) & (p != kind))
-        fp = np.sum((t != kind) & (p == kind))
-        fn = np.sum((t == kind) & (p != kind))
-        fp_d = np.sum(np.asarray(self.unpaired_pred) == kind)
-        fn_d = np.sum(np.asarray(self.unpaired_true) == kind)
+        c = self.counts(kind)
+        tp = c["typed_right"]
+        fn = c["paired"] - tp  # true nuclei of this type, paired and typed otherwise
+        fp = c["predicted"] - c["unpaired_predicted"] - tp  # paired, called this type wrongly
+        tn = len(self.paired_true) - tp - fn - fp
+        fp_d, fn_d = c["unpaired_predicted"], c["true"] - c["paired"]
         denominator = 2 * (tp + tn) + 2 * fp + 2 * fn + fp_d + fn_d
         return float(2 * (tp + tn) / denominator) if denominator else 1.0
 
